@@ -1,0 +1,85 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/sethvargo/go-envconfig"
+)
+
+// Config is the agent's configuration, read from MIMEO_* environment
+// variables; the CLI's flags override it.
+type Config struct {
+	// DatabaseURL is the destination database, where the mimeo schema lives.
+	DatabaseURL string `env:"MIMEO_DATABASE_URL"`
+	// Workers is how many requests run at once (different tables in parallel).
+	Workers int `env:"MIMEO_WORKERS, default=4"`
+	// PollInterval is how often the queue is polled besides LISTEN/NOTIFY.
+	PollInterval time.Duration `env:"MIMEO_POLL_INTERVAL, default=5s"`
+	// HeartbeatInterval is how often the agent row's last_seen is updated.
+	HeartbeatInterval time.Duration `env:"MIMEO_HEARTBEAT_INTERVAL, default=10s"`
+	// AgentTimeout is how old a heartbeat may be before the agent counts as
+	// dead and its running requests are recovered.
+	AgentTimeout time.Duration `env:"MIMEO_AGENT_TIMEOUT, default=1m"`
+	// MaxAttempts bounds how often a request orphaned by a dead agent is
+	// retried before it is failed.
+	MaxAttempts int `env:"MIMEO_MAX_ATTEMPTS, default=3"`
+	// ShutdownTimeout is how long running jobs may finish after SIGTERM
+	// before they are cancelled (and rolled back).
+	ShutdownTimeout time.Duration `env:"MIMEO_SHUTDOWN_TIMEOUT, default=30s"`
+	// SourceIdleTimeout closes pooled source connections unused this long.
+	SourceIdleTimeout time.Duration `env:"MIMEO_SOURCE_IDLE_TIMEOUT, default=1m"`
+	// ConnectTimeout bounds connecting to a source.
+	ConnectTimeout time.Duration `env:"MIMEO_CONNECT_TIMEOUT, default=10s"`
+	// LogLevel is trace, debug, info, warn or error.
+	LogLevel string `env:"MIMEO_LOG_LEVEL, default=info"`
+	// LogFormat is text or json.
+	LogFormat string `env:"MIMEO_LOG_FORMAT, default=text"`
+}
+
+// LoadConfig reads the configuration from lookuper (envconfig.OsLookuper()
+// for the process environment, envconfig.MapLookuper in tests).
+func LoadConfig(ctx context.Context, lookuper envconfig.Lookuper) (Config, error) {
+	var c Config
+	if err := envconfig.ProcessWith(ctx, &envconfig.Config{Target: &c, Lookuper: lookuper}); err != nil {
+		return c, fmt.Errorf("read configuration: %w", err)
+	}
+	return c, nil
+}
+
+// Validate reports the first setting that cannot work.
+func (c Config) Validate() error {
+	var errs []error
+	if c.DatabaseURL == "" {
+		errs = append(errs, errors.New("MIMEO_DATABASE_URL is not set: give the destination database, e.g. postgres://mimeo@localhost/warehouse"))
+	}
+	if c.Workers < 1 {
+		errs = append(errs, fmt.Errorf("MIMEO_WORKERS must be at least 1, got %d", c.Workers))
+	}
+	for name, d := range map[string]time.Duration{
+		"MIMEO_POLL_INTERVAL": c.PollInterval, "MIMEO_HEARTBEAT_INTERVAL": c.HeartbeatInterval,
+		"MIMEO_AGENT_TIMEOUT": c.AgentTimeout, "MIMEO_CONNECT_TIMEOUT": c.ConnectTimeout,
+		"MIMEO_SOURCE_IDLE_TIMEOUT": c.SourceIdleTimeout,
+	} {
+		if d <= 0 {
+			errs = append(errs, fmt.Errorf("%s must be positive, got %s", name, d))
+		}
+	}
+	if c.AgentTimeout > 0 && c.AgentTimeout < 2*c.HeartbeatInterval {
+		errs = append(errs, fmt.Errorf("MIMEO_AGENT_TIMEOUT (%s) must be at least twice MIMEO_HEARTBEAT_INTERVAL (%s)", c.AgentTimeout, c.HeartbeatInterval))
+	}
+	if c.MaxAttempts < 1 {
+		errs = append(errs, fmt.Errorf("MIMEO_MAX_ATTEMPTS must be at least 1, got %d", c.MaxAttempts))
+	}
+	if c.LogFormat != "text" && c.LogFormat != "json" {
+		errs = append(errs, fmt.Errorf("MIMEO_LOG_FORMAT must be text or json, got %q", c.LogFormat))
+	}
+	switch c.LogLevel {
+	case "trace", "debug", "info", "warn", "error":
+	default:
+		errs = append(errs, fmt.Errorf("MIMEO_LOG_LEVEL must be trace, debug, info, warn or error, got %q", c.LogLevel))
+	}
+	return errors.Join(errs...)
+}

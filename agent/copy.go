@@ -1,0 +1,49 @@
+package agent
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+
+	"github.com/jackc/pgx/v5/pgconn"
+)
+
+// copyBufferSize batches the source's per-row COPY messages into large
+// writes to the destination, so the pipe does not cost a syscall per row.
+const copyBufferSize = 256 << 10
+
+// copyRows streams a COPY ... TO STDOUT on src into a COPY ... FROM STDIN on
+// dst through a pipe: nothing is held in memory beyond one buffer. When
+// either side fails the other is aborted; a source connection aborted
+// mid-COPY is closed by pgconn and dropped by its pool.
+func copyRows(ctx context.Context, src *pgconn.PgConn, srcSQL string, dst *pgconn.PgConn, dstSQL string) (int64, error) {
+	pr, pw := io.Pipe()
+	srcDone := make(chan error, 1)
+	go func() {
+		bw := bufio.NewWriterSize(pw, copyBufferSize)
+		_, err := src.CopyTo(ctx, bw, srcSQL)
+		if err == nil {
+			err = bw.Flush()
+		}
+		if err != nil {
+			err = fmt.Errorf("read from source: %w", err)
+		}
+		pw.CloseWithError(err) // nil means EOF for the reader
+		srcDone <- err
+	}()
+	tag, dstErr := dst.CopyFrom(ctx, pr, dstSQL)
+	// Unblock the source goroutine if the destination stopped reading.
+	pr.CloseWithError(io.ErrClosedPipe)
+	srcErr := <-srcDone
+	switch {
+	case srcErr != nil && !errors.Is(srcErr, io.ErrClosedPipe):
+		return 0, srcErr // the destination only failed because the source did
+	case dstErr != nil:
+		return 0, fmt.Errorf("write to destination: %w", dstErr)
+	case srcErr != nil:
+		return 0, srcErr
+	}
+	return tag.RowsAffected(), nil
+}

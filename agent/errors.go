@@ -1,0 +1,40 @@
+package agent
+
+import (
+	"errors"
+
+	"github.com/jackc/pgx/v5/pgconn"
+)
+
+// Sentinel errors a failed request's message starts from.
+var (
+	// ErrUnknownSource means no dblink_mapping row has the configured id.
+	ErrUnknownSource = errors.New("no such source in mimeo.dblink_mapping")
+	// ErrSourceTableMissing means the source table does not exist or the
+	// replication role cannot see it.
+	ErrSourceTableMissing = errors.New("source table does not exist or is not visible to the replication role")
+	// ErrNotConfigured means the destination table is not replicated.
+	ErrNotConfigured = errors.New("destination table is not configured")
+	// ErrDestinationExists means a maker found its destination name taken.
+	ErrDestinationExists = errors.New("destination table already exists")
+	// ErrColumnsChanged means a plain table's source columns no longer
+	// match the destination (the table type does not recreate tables).
+	ErrColumnsChanged = errors.New("source columns changed")
+	// ErrUnknownAction means a request names an action this agent lacks.
+	ErrUnknownAction = errors.New("unknown request action")
+	// errTakenOver means the request was recovered and handed to another
+	// agent while this one ran it; the work is rolled back.
+	errTakenOver = errors.New("request was taken over by another agent while running; rolled back")
+)
+
+// SQLSTATEs the agent reacts to.
+const (
+	codeUndefinedColumn       = "42703"
+	codeInsufficientPrivilege = "42501"
+)
+
+// hasCode reports whether err wraps a PostgreSQL error with that SQLSTATE.
+func hasCode(err error, code string) bool {
+	var pgErr *pgconn.PgError
+	return errors.As(err, &pgErr) && pgErr.Code == code
+}

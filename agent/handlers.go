@@ -1,0 +1,14 @@
+package agent
+
+// registerHandlers maps request actions to the code that runs them; the
+// SQL functions name these actions when they enqueue.
+func (a *Agent) registerHandlers() map[string]handler {
+	return map[string]handler{
+		"snapshot_maker":     {job: "Snapshot Maker", run: a.makeSnap},
+		"refresh_snap":       {job: "Refresh Snap", run: a.refreshSnap},
+		"snapshot_destroyer": {job: "Snapshot Destroyer", run: a.destroySnap},
+		"table_maker":        {job: "Table Maker", run: a.makeTable},
+		"refresh_table":      {job: "Refresh Table", run: a.refreshTable},
+		"table_destroyer":    {job: "Table Destroyer", run: a.destroyTable},
+	}
+}

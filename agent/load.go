@@ -1,0 +1,163 @@
+package agent
+
+import (
+	"context"
+	"fmt"
+	"strings"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/mimeo-dev/mimeo/internal/ident"
+)
+
+// loadSpec says how to fill a destination table from a source table.
+type loadSpec struct {
+	src       *pgxpool.Conn
+	table     *sourceTable
+	condition string
+	target    ident.Name
+	create    bool // create target first (else it is truncated)
+	cascade   bool // TRUNCATE ... CASCADE
+	pull      bool // copy the rows (else leave target empty)
+	indexes   bool // re-create the source's indexes after the load
+}
+
+// load fills spec.target inside tx: create or truncate it, stream the
+// source's rows in with COPY, then build indexes and ANALYZE — indexes
+// built once over loaded data are much cheaper than maintained row by row.
+func (r *run) load(ctx context.Context, tx pgx.Tx, spec loadSpec) (int64, error) {
+	t := spec.target.Sanitize()
+	if spec.create {
+		if _, err := tx.Exec(ctx, "CREATE TABLE "+t+" ("+columnDefs(spec.table.Columns)+")"); err != nil {
+			return 0, fmt.Errorf("create %s: %w", spec.target, err)
+		}
+	} else {
+		q := "TRUNCATE " + t
+		if spec.cascade {
+			q += " CASCADE"
+		}
+		if _, err := tx.Exec(ctx, q); err != nil {
+			return 0, fmt.Errorf("truncate %s: %w", spec.target, err)
+		}
+	}
+	var rows int64
+	if spec.pull {
+		err := r.step(ctx, "Copy rows from source "+spec.table.Name.String(), func() (string, error) {
+			var err error
+			rows, err = copyRows(ctx, spec.src.Conn().PgConn(), copyOutSQL(spec.table, spec.condition),
+				tx.Conn().PgConn(), copyInSQL(spec.target, spec.table.Columns))
+			return fmt.Sprintf("copied %d rows into %s", rows, spec.target), err
+		})
+		if err != nil {
+			return 0, fmt.Errorf("copy %s into %s: %w", spec.table.Name, spec.target, err)
+		}
+	}
+	if spec.indexes && spec.create {
+		if err := r.createIndexes(ctx, tx, spec.table, spec.target); err != nil {
+			return 0, err
+		}
+	}
+	if spec.pull {
+		if _, err := tx.Exec(ctx, "ANALYZE "+t); err != nil {
+			return 0, fmt.Errorf("analyze %s: %w", spec.target, err)
+		}
+	}
+	return rows, nil
+}
+
+// createIndexes re-creates the source table's indexes on target. An index
+// that cannot be built there (a filtered-out column, say) is skipped with a
+// warning; a savepoint keeps the failure from aborting the transaction.
+func (r *run) createIndexes(ctx context.Context, tx pgx.Tx, src *sourceTable, target ident.Name) error {
+	if len(src.Indexes) == 0 {
+		return nil
+	}
+	return r.step(ctx, "Create indexes on "+target.String(), func() (string, error) {
+		var made, skipped []string
+		for _, ix := range src.Indexes {
+			name := indexName(ix.Name, src.Name.Table, target.Table)
+			q := "CREATE "
+			if ix.Unique {
+				q += "UNIQUE "
+			}
+			q += "INDEX " + ident.Quote(name) + " ON " + target.Sanitize() + " " + ix.Body
+			if _, err := tx.Exec(ctx, "SAVEPOINT mimeo_index"); err != nil {
+				return "", err
+			}
+			_, err := tx.Exec(ctx, q)
+			if err == nil && ix.Primary {
+				_, err = tx.Exec(ctx, "ALTER TABLE "+target.Sanitize()+" ADD CONSTRAINT "+ident.Quote(name)+" PRIMARY KEY USING INDEX "+ident.Quote(name))
+			}
+			if err != nil {
+				if _, rerr := tx.Exec(ctx, "ROLLBACK TO SAVEPOINT mimeo_index"); rerr != nil {
+					return "", rerr
+				}
+				skipped = append(skipped, fmt.Sprintf("%s (%v)", ix.Name, err))
+				continue
+			}
+			if _, err := tx.Exec(ctx, "RELEASE SAVEPOINT mimeo_index"); err != nil {
+				return "", err
+			}
+			made = append(made, name)
+		}
+		if len(skipped) > 0 {
+			r.note(ctx, "Skip indexes", "could not re-create source indexes: "+strings.Join(skipped, "; "), true)
+		}
+		return fmt.Sprintf("created %d indexes: %s", len(made), strings.Join(made, ", ")), nil
+	})
+}
+
+// indexName renames a source index for a destination table: the source
+// table's name at its start becomes the destination's ("items_pkey" on
+// items_snap1 is "items_snap1_pkey"), else the table name is prefixed.
+func indexName(index, srcTable, dstTable string) string {
+	if rest, ok := strings.CutPrefix(index, srcTable); ok {
+		return ident.Derive(dstTable, rest)
+	}
+	return ident.Derive(dstTable, "_"+index)
+}
+
+const sqlGrants = `
+SELECT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(g.rolname) END,
+       a.privilege_type, a.is_grantable
+FROM pg_catalog.pg_class c
+CROSS JOIN LATERAL aclexplode(c.relacl) a
+LEFT JOIN pg_catalog.pg_roles g ON g.oid = a.grantee
+WHERE c.oid = to_regclass($1) AND a.grantee <> c.relowner
+ORDER BY 1, 2`
+
+// grantsOf returns the GRANT statements that give target the privileges
+// others hold on rel, so they can be re-applied after rel is replaced.
+func grantsOf(ctx context.Context, tx pgx.Tx, rel ident.Name, target ident.Name) ([]string, error) {
+	rows, err := tx.Query(ctx, sqlGrants, rel.Sanitize())
+	if err != nil {
+		return nil, fmt.Errorf("read grants on %s: %w", rel, err)
+	}
+	grants, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (string, error) {
+		var grantee, privilege string
+		var grantable bool
+		if err := row.Scan(&grantee, &privilege, &grantable); err != nil {
+			return "", err
+		}
+		q := "GRANT " + privilege + " ON TABLE " + target.Sanitize() + " TO " + grantee
+		if grantable {
+			q += " WITH GRANT OPTION"
+		}
+		return q, nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("read grants on %s: %w", rel, err)
+	}
+	return grants, nil
+}
+
+// execAll runs statements in order (grants, post scripts).
+func execAll(ctx context.Context, tx pgx.Tx, what string, statements []string) error {
+	for _, q := range statements {
+		if _, err := tx.Exec(ctx, q); err != nil {
+			return fmt.Errorf("%s %q: %w", what, q, err)
+		}
+	}
+	return nil
+}

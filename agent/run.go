@@ -1,0 +1,220 @@
+package agent
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/mimeo-dev/mimeo/internal/ident"
+	"github.com/mimeo-dev/mimeo/queue"
+)
+
+// handler runs one request. It does its destination work on r.dst, the
+// connection holding the table lock, and calls r.complete inside the
+// transaction that commits the work.
+type handler struct {
+	job string // job log name prefix, e.g. "Refresh Snap"
+	run func(ctx context.Context, r *run) error
+}
+
+// run is one execution of a request.
+type run struct {
+	req     queue.Request
+	dest    ident.Name
+	dst     *pgxpool.Conn
+	log     hclog.Logger
+	job     *jobLog
+	agentID int64
+	started time.Time
+	debug   bool // p_debug: steps are logged at info instead of debug
+
+	completed bool
+	rows      int64
+	message   string
+	warning   bool
+}
+
+// commonArgs are the arguments every request may carry.
+type commonArgs struct {
+	Debug bool `json:"debug"`
+}
+
+// args decodes the request's arguments into v.
+func (r *run) args(v any) error {
+	if len(r.req.Args) == 0 {
+		return nil
+	}
+	if err := json.Unmarshal(r.req.Args, v); err != nil {
+		return fmt.Errorf("decode arguments of request %d: %w", r.req.ID, err)
+	}
+	return nil
+}
+
+// step runs fn as one job log step and logs it.
+func (r *run) step(ctx context.Context, action string, fn func() (string, error)) error {
+	start := time.Now()
+	msg, err := fn()
+	status := jobOK
+	if err != nil {
+		status, msg = jobCritical, err.Error()
+	}
+	r.job.add(ctx, action, start, status, msg)
+	level := hclog.Debug
+	if r.debug {
+		level = hclog.Info
+	}
+	r.log.Log(level, action, "message", msg, "duration", time.Since(start))
+	return err
+}
+
+// note records an informational step (no work of its own).
+func (r *run) note(ctx context.Context, action, message string, warning bool) {
+	status := jobOK
+	if warning {
+		status = jobWarning
+		r.warning = true
+		r.log.Warn(message)
+	} else {
+		r.log.Info(message)
+	}
+	r.job.add(ctx, action, time.Now(), status, message)
+}
+
+// complete marks the request done inside tx, the transaction that commits
+// the run's work, so work and outcome land together or not at all.
+func (r *run) complete(ctx context.Context, tx pgx.Tx, rows int64, message string) error {
+	ok, err := queue.Finish(ctx, tx, r.agentID, r.req.ID, queue.Outcome{
+		Status: queue.StatusDone, Rows: rows, JobID: r.job.id, Message: message})
+	if err != nil {
+		return err
+	}
+	if !ok {
+		return errTakenOver
+	}
+	r.completed, r.rows, r.message = true, rows, message
+	return nil
+}
+
+// tableLockKey is the advisory lock one run of a destination table holds.
+const sqlTryTableLock = `SELECT pg_try_advisory_lock(hashtextextended('mimeo.table:' || $1, 0))`
+const sqlTableUnlock = `SELECT pg_advisory_unlock(hashtextextended('mimeo.table:' || $1, 0))`
+
+// execute runs one claimed request to its end and records the outcome.
+func (a *Agent) execute(ctx context.Context, req queue.Request) queue.Outcome {
+	log := a.log.With("request_id", req.ID, "action", req.Action, "table", req.DestTable)
+	out := a.executeLogged(ctx, req, log)
+	if out.Status == "" {
+		return out // handed back to the queue
+	}
+	if out.Status != queue.StatusDone || out.JobID == 0 {
+		// Failures and skips are recorded here; successes were recorded in
+		// the run's own transaction.
+		fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+		defer cancel()
+		if _, err := queue.Finish(fctx, a.pool, a.agentID(), req.ID, out); err != nil {
+			log.Error("cannot record request outcome", "error", err)
+		}
+	}
+	return out
+}
+
+func (a *Agent) executeLogged(ctx context.Context, req queue.Request, log hclog.Logger) queue.Outcome {
+	h, ok := a.handlers[req.Action]
+	if !ok {
+		log.Error("unknown action")
+		return queue.Outcome{Status: queue.StatusFailed, Error: fmt.Sprintf("%s: %v", req.Action, ErrUnknownAction)}
+	}
+	dest, err := ident.Parse(req.DestTable)
+	if err != nil {
+		return queue.Outcome{Status: queue.StatusFailed, Error: fmt.Sprintf("destination table: %v", err)}
+	}
+	var common commonArgs
+	_ = json.Unmarshal(req.Args, &common)
+
+	conn, err := a.pool.Acquire(ctx)
+	if err != nil {
+		return a.interrupted(ctx, req, log, fmt.Errorf("%s %s: acquire destination connection: %w", req.Action, req.DestTable, err))
+	}
+	healthy := false
+	defer func() {
+		if healthy {
+			conn.Release()
+			return
+		}
+		// A connection of a cancelled or broken run may be mid-protocol:
+		// close it rather than return it (closing also drops its locks).
+		_ = conn.Hijack().Close(context.Background())
+	}()
+
+	job, err := startJob(ctx, a.pool, log, h.job+": "+req.DestTable, req.DestTable, req.ID, a.agentID())
+	if err != nil {
+		return a.interrupted(ctx, req, log, fmt.Errorf("%s %s: %w", req.Action, req.DestTable, err))
+	}
+	log = log.With("job_id", job.id)
+	r := &run{req: req, dest: dest, dst: conn, log: log, job: job, agentID: a.agentID(), started: time.Now(), debug: common.Debug}
+
+	var locked bool
+	if err := conn.QueryRow(ctx, sqlTryTableLock, req.DestTable).Scan(&locked); err != nil {
+		job.end(ctx, jobCritical, 0)
+		return a.interrupted(ctx, req, log, fmt.Errorf("%s %s: take table lock: %w", req.Action, req.DestTable, err))
+	}
+	if !locked {
+		healthy = true
+		msg := "already running: another run of " + req.DestTable + " holds its lock"
+		r.note(ctx, "Lock table", msg, true)
+		job.end(ctx, jobWarning, 0)
+		return queue.Outcome{Status: queue.StatusSkipped, JobID: job.id, Message: msg}
+	}
+
+	log.Info("run started", "attempt", req.Attempts)
+	err = h.run(ctx, r)
+	if err == nil {
+		var unlocked bool
+		healthy = conn.QueryRow(context.WithoutCancel(ctx), sqlTableUnlock, req.DestTable).Scan(&unlocked) == nil && unlocked
+	}
+	elapsed := time.Since(r.started)
+	switch {
+	case err == nil && r.completed:
+		status := jobOK
+		if r.warning {
+			status = jobWarning
+		}
+		job.end(ctx, status, r.rows)
+		log.Info("run finished", "rows", r.rows, "duration", elapsed, "message", r.message)
+		return queue.Outcome{Status: queue.StatusDone, Rows: r.rows, JobID: job.id, Message: r.message}
+	case err == nil:
+		err = fmt.Errorf("%s %s: handler ended without recording its outcome", req.Action, req.DestTable)
+		fallthrough
+	default:
+		if ctx.Err() != nil && a.shuttingDown() {
+			r.note(context.WithoutCancel(ctx), "Interrupted", "cancelled by agent shutdown; rolled back", true)
+			job.end(ctx, jobCritical, 0)
+			return a.interrupted(ctx, req, log, err)
+		}
+		r.job.add(ctx, "Failed", time.Now(), jobCritical, err.Error())
+		job.end(ctx, jobCritical, 0)
+		log.Error("run failed", "error", err, "duration", elapsed)
+		return queue.Outcome{Status: queue.StatusFailed, JobID: job.id, Error: err.Error()}
+	}
+}
+
+// interrupted hands a request back to the queue when the agent is shutting
+// down, and fails it otherwise.
+func (a *Agent) interrupted(ctx context.Context, req queue.Request, log hclog.Logger, err error) queue.Outcome {
+	if a.shuttingDown() && ctx.Err() != nil {
+		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+		defer cancel()
+		if qerr := queue.Requeue(rctx, a.pool, a.agentID(), req.ID, "requeued: interrupted by agent shutdown"); qerr != nil {
+			log.Error("cannot requeue interrupted request", "error", qerr)
+		}
+		log.Warn("run interrupted by shutdown; request requeued")
+		return queue.Outcome{}
+	}
+	log.Error("run failed", "error", err)
+	return queue.Outcome{Status: queue.StatusFailed, Error: err.Error()}
+}

@@ -1,0 +1,111 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+
+	"github.com/hashicorp/go-hclog"
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/mimeo-dev/mimeo/queue"
+)
+
+const sqlSourceMapping = `SELECT data_source, username, coalesce(pwd, '') FROM mimeo.dblink_mapping WHERE data_source_id = $1`
+
+// sources pools connections per source (dblink_mapping row). A pool is
+// rebuilt when its mapping row changes; idle connections close themselves
+// after Config.SourceIdleTimeout.
+type sources struct {
+	cfg Config
+	log hclog.Logger
+
+	mu    sync.Mutex
+	pools map[int]*sourcePool
+}
+
+type sourcePool struct {
+	key  string // the mapping row the pool was built from
+	desc string // host/db/user, never the password
+	pool *pgxpool.Pool
+}
+
+func newSources(cfg Config, log hclog.Logger) *sources {
+	return &sources{cfg: cfg, log: log, pools: map[int]*sourcePool{}}
+}
+
+// acquire returns a connection to source id, read from dest's
+// dblink_mapping, and a description of it for messages.
+func (s *sources) acquire(ctx context.Context, dest queue.DB, id int) (*pgxpool.Conn, string, error) {
+	var dataSource, user, pwd string
+	err := dest.QueryRow(ctx, sqlSourceMapping, id).Scan(&dataSource, &user, &pwd)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return nil, "", fmt.Errorf("source %d: %w", id, ErrUnknownSource)
+	}
+	if err != nil {
+		return nil, "", fmt.Errorf("read source %d from mimeo.dblink_mapping: %w", id, err)
+	}
+	sp, err := s.pool(id, dataSource+"\x00"+user+"\x00"+pwd, dataSource, user, pwd)
+	if err != nil {
+		return nil, "", err
+	}
+	conn, err := sp.pool.Acquire(ctx)
+	if err != nil {
+		return nil, sp.desc, fmt.Errorf("connect to source %d (%s): %w", id, sp.desc, err)
+	}
+	return conn, sp.desc, nil
+}
+
+func (s *sources) pool(id int, key, dataSource, user, pwd string) (*sourcePool, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if sp, ok := s.pools[id]; ok {
+		if sp.key == key {
+			return sp, nil
+		}
+		sp.pool.Close()
+		delete(s.pools, id)
+	}
+	cfg, err := pgxpool.ParseConfig(dataSource)
+	if err != nil {
+		return nil, fmt.Errorf("source %d: data_source is not a valid connection string: %w", id, err)
+	}
+	cfg.ConnConfig.User = user
+	if pwd != "" {
+		cfg.ConnConfig.Password = pwd
+	}
+	if cfg.ConnConfig.ConnectTimeout == 0 {
+		cfg.ConnConfig.ConnectTimeout = s.cfg.ConnectTimeout
+	}
+	cfg.ConnConfig.RuntimeParams["application_name"] = "mimeo-agent"
+	// Reading is all snap and table need; a read-only session makes sure
+	// nothing configured (a condition, say) can write to the source.
+	cfg.ConnConfig.RuntimeParams["default_transaction_read_only"] = "on"
+	cfg.MinConns = 0
+	cfg.MaxConns = int32(s.cfg.Workers + 1)
+	cfg.MaxConnIdleTime = s.cfg.SourceIdleTimeout
+	cfg.HealthCheckPeriod = min(s.cfg.SourceIdleTimeout, cfg.HealthCheckPeriod)
+	pool, err := pgxpool.NewWithConfig(context.Background(), cfg)
+	if err != nil {
+		return nil, fmt.Errorf("source %d: %w", id, err)
+	}
+	sp := &sourcePool{
+		key:  key,
+		desc: fmt.Sprintf("host=%s port=%d dbname=%s user=%s", cfg.ConnConfig.Host, cfg.ConnConfig.Port, cfg.ConnConfig.Database, user),
+		pool: pool,
+	}
+	s.pools[id] = sp
+	return sp, nil
+}
+
+// close closes every source pool.
+func (s *sources) close() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for id, sp := range s.pools {
+		sp.pool.Close()
+		delete(s.pools, id)
+	}
+}

@@ -1,0 +1,154 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/mimeo-dev/mimeo/internal/ident"
+)
+
+// The table type truncates and reloads an ordinary table in one
+// transaction (readers wait for the commit, never see it half-full). It is
+// meant for dev copies: no view, no swap, and a source whose columns
+// changed is an error rather than a rebuild.
+
+const (
+	sqlTableConfig = `
+SELECT source_table, dblink, filter, condition, create_indexes
+FROM mimeo.refresh_config_table WHERE dest_table = $1`
+
+	sqlTableInsertConfig = `
+INSERT INTO mimeo.refresh_config_table
+    (dest_table, type, dblink, source_table, filter, condition, create_indexes, sequences, last_run)
+VALUES ($1, 'table', $2, $3, $4, $5, $6, $7, $8)`
+
+	sqlTableTouch = `UPDATE mimeo.refresh_config_table SET last_run = $2 WHERE dest_table = $1`
+)
+
+type tableMakerArgs struct {
+	makerArgs
+	Sequences []string `json:"sequences"`
+}
+
+type refreshTableArgs struct {
+	TruncateCascade bool `json:"truncate_cascade"`
+}
+
+func (a *Agent) makeTable(ctx context.Context, r *run) error {
+	var args tableMakerArgs
+	if err := r.args(&args); err != nil {
+		return err
+	}
+	srcName, err := ident.Parse(args.SrcTable)
+	if err != nil {
+		return fmt.Errorf("table_maker: source table: %w", err)
+	}
+	src, desc, err := a.sources.acquire(ctx, r.dst, args.Dblink)
+	if err != nil {
+		return fmt.Errorf("table_maker %s: %w", r.dest, err)
+	}
+	defer src.Release()
+	r.note(ctx, "Connect to source", "connected to source "+desc, false)
+	st, err := describeSource(ctx, src, srcName, args.Filter, args.Condition, args.indexes())
+	if err != nil {
+		return fmt.Errorf("table_maker %s: %w", r.dest, err)
+	}
+	return withTx(ctx, r.dst, func(tx pgx.Tx) error {
+		if err := checkNewDestination(ctx, tx, r.dest); err != nil {
+			return fmt.Errorf("table_maker %s: %w", r.dest, err)
+		}
+		rows, err := r.load(ctx, tx, loadSpec{src: src, table: st, condition: args.Condition, target: r.dest,
+			create: true, pull: args.pull(), indexes: args.indexes()})
+		if err != nil {
+			return fmt.Errorf("table_maker %s: %w", r.dest, err)
+		}
+		if _, err := tx.Exec(ctx, sqlTableInsertConfig, r.req.DestTable, args.Dblink, args.SrcTable,
+			nullIfEmpty(args.Filter), nullString(args.Condition), args.indexes(), nullIfEmpty(args.Sequences),
+			lastRun(args.pull(), r)); err != nil {
+			return fmt.Errorf("table_maker %s: record config: %w", r.dest, err)
+		}
+		return r.complete(ctx, tx, rows, fmt.Sprintf("created %s; copied %d rows", r.dest, rows))
+	})
+}
+
+func (a *Agent) refreshTable(ctx context.Context, r *run) error {
+	var args refreshTableArgs
+	if err := r.args(&args); err != nil {
+		return err
+	}
+	var source string
+	var dblink int
+	var filter []string
+	var condition *string
+	var indexes bool
+	err := r.dst.QueryRow(ctx, sqlTableConfig, r.req.DestTable).Scan(&source, &dblink, &filter, &condition, &indexes)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return fmt.Errorf("%s: %w as table", r.req.DestTable, ErrNotConfigured)
+	}
+	if err != nil {
+		return fmt.Errorf("read config of %s: %w", r.req.DestTable, err)
+	}
+	srcName, err := ident.Parse(source)
+	if err != nil {
+		return fmt.Errorf("refresh %s: source table: %w", r.dest, err)
+	}
+	src, desc, err := a.sources.acquire(ctx, r.dst, dblink)
+	if err != nil {
+		return fmt.Errorf("refresh %s: %w", r.dest, err)
+	}
+	defer src.Release()
+	r.note(ctx, "Connect to source", "connected to source "+desc, false)
+	st, err := describeSource(ctx, src, srcName, filter, deref(condition), false)
+	if err != nil {
+		return fmt.Errorf("refresh %s: %w", r.dest, err)
+	}
+	return withTx(ctx, r.dst, func(tx pgx.Tx) error {
+		current, err := relationColumns(ctx, tx, r.dest)
+		if err != nil {
+			return fmt.Errorf("refresh %s: %w", r.dest, err)
+		}
+		if current == nil {
+			return fmt.Errorf("refresh %s: destination table is missing (recreate it: table_destroyer, then table_maker)", r.dest)
+		}
+		if !sameColumns(st.Columns, current) {
+			return fmt.Errorf("refresh %s: %w on %s; the table type does not rebuild tables: run table_destroyer and table_maker again",
+				r.dest, ErrColumnsChanged, st.Name)
+		}
+		rows, err := r.load(ctx, tx, loadSpec{src: src, table: st, condition: deref(condition), target: r.dest,
+			cascade: args.TruncateCascade, pull: true})
+		if err != nil {
+			return fmt.Errorf("refresh %s: %w", r.dest, err)
+		}
+		if _, err := tx.Exec(ctx, sqlTableTouch, r.req.DestTable, r.started); err != nil {
+			return fmt.Errorf("refresh %s: record run: %w", r.dest, err)
+		}
+		return r.complete(ctx, tx, rows, fmt.Sprintf("reloaded %d rows", rows))
+	})
+}
+
+func (a *Agent) destroyTable(ctx context.Context, r *run) error {
+	var args destroyerArgs
+	if err := r.args(&args); err != nil {
+		return err
+	}
+	return withTx(ctx, r.dst, func(tx pgx.Tx) error {
+		msg := "kept " + r.dest.String() + " as a plain table"
+		if !args.Archive {
+			if _, err := tx.Exec(ctx, "DROP TABLE IF EXISTS "+r.dest.Sanitize()); err != nil {
+				return fmt.Errorf("table_destroyer %s: %w", r.dest, err)
+			}
+			msg = "dropped " + r.dest.String()
+		}
+		tag, err := tx.Exec(ctx, sqlDeleteConfig, r.req.DestTable)
+		if err != nil {
+			return fmt.Errorf("table_destroyer %s: delete config: %w", r.dest, err)
+		}
+		if tag.RowsAffected() == 0 {
+			return fmt.Errorf("%s: %w", r.req.DestTable, ErrNotConfigured)
+		}
+		return r.complete(ctx, tx, 0, msg)
+	})
+}

@@ -1,0 +1,166 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"text/tabwriter"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/mimeo-dev/mimeo/agent"
+	mimeosql "github.com/mimeo-dev/mimeo/sql"
+)
+
+func cmdInstall(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	f := newFlags("install", "install [flags]", stderr)
+	if err := f.fs.Parse(args); err != nil {
+		return err
+	}
+	cfg, err := f.config(ctx)
+	if err != nil {
+		return err
+	}
+	conn, err := pgx.Connect(ctx, cfg.DatabaseURL)
+	if err != nil {
+		return fmt.Errorf("connect to destination: %w", err)
+	}
+	defer conn.Close(context.WithoutCancel(ctx))
+	res, err := mimeosql.Install(ctx, conn)
+	if err != nil {
+		return err
+	}
+	switch {
+	case res.Extension:
+		fmt.Fprintf(stdout, "mimeo %s is installed as an extension; nothing to do\n", res.To)
+	case res.From == res.To:
+		fmt.Fprintf(stdout, "mimeo %s is already installed\n", res.To)
+	case res.From == "":
+		fmt.Fprintf(stdout, "installed mimeo %s\n", res.To)
+	default:
+		fmt.Fprintf(stdout, "upgraded mimeo from %s to %s\n", res.From, res.To)
+	}
+	return nil
+}
+
+func cmdRun(ctx context.Context, args []string, stderr io.Writer) error {
+	f := newFlags("run", "run [flags]", stderr)
+	workers := f.fs.Int("workers", 0, "requests run at once (MIMEO_WORKERS, default 4)")
+	if err := f.fs.Parse(args); err != nil {
+		return err
+	}
+	cfg, err := f.config(ctx)
+	if err != nil {
+		return err
+	}
+	if *workers > 0 {
+		cfg.Workers = *workers
+	}
+	log := newLogger(cfg, stderr)
+	a, err := agent.New(ctx, cfg, log)
+	if err != nil {
+		return err
+	}
+	defer a.Close()
+	return a.Run(ctx)
+}
+
+func cmdRefresh(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	f := newFlags("refresh", "refresh [flags] <schema.table>", stderr)
+	debug := f.fs.Bool("debug", false, "log every step")
+	if err := f.fs.Parse(args); err != nil {
+		return err
+	}
+	if f.fs.NArg() != 1 {
+		f.fs.Usage()
+		return errUsage
+	}
+	cfg, err := f.config(ctx)
+	if err != nil {
+		return err
+	}
+	a, err := agent.New(ctx, cfg, newLogger(cfg, stderr))
+	if err != nil {
+		return err
+	}
+	defer a.Close()
+	start := time.Now()
+	out, err := a.RefreshOnce(ctx, f.fs.Arg(0), *debug)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(stdout, "%s: %s (%d rows in %s)\n", f.fs.Arg(0), out.Status, out.Rows, time.Since(start).Round(time.Millisecond))
+	return nil
+}
+
+const sqlStatus = `
+SELECT dest_table, type, dblink, source_table,
+       coalesce(to_char(last_run, 'YYYY-MM-DD HH24:MI:SS'), 'never'),
+       CASE WHEN last_error IS NOT NULL THEN 'failed: ' || last_error
+            WHEN last_success IS NOT NULL THEN 'ok'
+            ELSE '-' END,
+       coalesce(pending, '')
+FROM mimeo.refresh_status ORDER BY dest_table`
+
+func cmdStatus(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	f := newFlags("status", "status [flags]", stderr)
+	if err := f.fs.Parse(args); err != nil {
+		return err
+	}
+	cfg, err := f.config(ctx)
+	if err != nil {
+		return err
+	}
+	conn, err := pgx.Connect(ctx, cfg.DatabaseURL)
+	if err != nil {
+		return fmt.Errorf("connect to destination: %w", err)
+	}
+	defer conn.Close(context.WithoutCancel(ctx))
+	rows, err := conn.Query(ctx, sqlStatus)
+	if err != nil {
+		return fmt.Errorf("read mimeo.refresh_status: %w", err)
+	}
+	defer rows.Close()
+	w := tabwriter.NewWriter(stdout, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(w, "TABLE\tTYPE\tSOURCE\tLAST RUN\tLAST OUTCOME\tPENDING")
+	for rows.Next() {
+		var dest, typ, src, lastRun, outcome, pending string
+		var dblink int
+		if err := rows.Scan(&dest, &typ, &dblink, &src, &lastRun, &outcome, &pending); err != nil {
+			return err
+		}
+		fmt.Fprintf(w, "%s\t%s\t%d:%s\t%s\t%s\t%s\n", dest, typ, dblink, src, lastRun, outcome, pending)
+	}
+	if err := rows.Err(); err != nil {
+		return fmt.Errorf("read mimeo.refresh_status: %w", err)
+	}
+	return w.Flush()
+}
+
+func cmdVersion(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	f := newFlags("version", "version [flags]", stderr)
+	if err := f.fs.Parse(args); err != nil {
+		return err
+	}
+	fmt.Fprintf(stdout, "mimeo-agent %s (schema %s)\n", agent.Version, mimeosql.Version)
+	cfg, err := f.config(ctx)
+	if err != nil {
+		return nil // no database given: the binary's versions are all we can tell
+	}
+	conn, err := pgx.Connect(ctx, cfg.DatabaseURL)
+	if err != nil {
+		return fmt.Errorf("connect to destination: %w", err)
+	}
+	defer conn.Close(context.WithoutCancel(ctx))
+	var installed *string
+	err = conn.QueryRow(ctx, `
+SELECT coalesce((SELECT extversion FROM pg_catalog.pg_extension WHERE extname = 'mimeo'),
+                (SELECT max(version) FROM mimeo.schema_version))`).Scan(&installed)
+	if err != nil || installed == nil {
+		fmt.Fprintln(stdout, "destination: mimeo not installed")
+		return nil
+	}
+	fmt.Fprintf(stdout, "destination: mimeo schema %s\n", *installed)
+	return nil
+}

@@ -1,0 +1,96 @@
+package queue
+
+import (
+	"context"
+	"fmt"
+	"time"
+)
+
+// An agent is dead when its liveness lock (mimeo.agent_lock_key(), id) is
+// no longer held on this database, or its heartbeat is older than $1.
+const sqlDeadAgents = `
+SELECT a.id FROM mimeo.agent a
+WHERE a.last_seen < clock_timestamp() - $1::interval
+   OR NOT EXISTS (
+        SELECT 1 FROM pg_catalog.pg_locks l
+        WHERE l.locktype = 'advisory' AND l.granted
+          AND l.database = (SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database())
+          AND l.classid = mimeo.agent_lock_key()::oid
+          AND l.objid = a.id::oid AND l.objsubid = 2)`
+
+// Requests left running by a dead (or unknown) agent go back to the queue,
+// or fail once they have used up their attempts.
+const sqlRecoverOrphans = `
+WITH dead AS (` + sqlDeadAgents + `),
+orphans AS (
+    SELECT r.id FROM mimeo.request r
+    WHERE r.status = 'running'
+      AND (r.agent_id IS NULL OR r.agent_id IN (SELECT id FROM dead)
+           OR NOT EXISTS (SELECT 1 FROM mimeo.agent a WHERE a.id = r.agent_id))
+    FOR UPDATE OF r SKIP LOCKED
+)
+UPDATE mimeo.request r
+SET status = CASE WHEN r.attempts >= $2 THEN 'failed' ELSE 'queued' END,
+    finished_at = CASE WHEN r.attempts >= $2 THEN clock_timestamp() END,
+    started_at = CASE WHEN r.attempts >= $2 THEN r.started_at END,
+    agent_id = CASE WHEN r.attempts >= $2 THEN r.agent_id END,
+    error = CASE WHEN r.attempts >= $2
+        THEN format('agent %s stopped while running this request (attempt %s of %s); giving up', r.agent_id, r.attempts, $2)
+        ELSE r.error END,
+    message = CASE WHEN r.attempts >= $2 THEN r.message
+        ELSE format('requeued: agent %s stopped while running it (attempt %s of %s)', r.agent_id, r.attempts, $2) END
+FROM orphans o WHERE r.id = o.id
+RETURNING r.id, r.status`
+
+// Job log entries of dead agents are closed, and the agents forgotten.
+const sqlCloseDeadJobs = `
+WITH dead AS (` + sqlDeadAgents + `)
+UPDATE mimeo.job_log SET status = 'CRITICAL', end_time = clock_timestamp()
+WHERE status = 'RUNNING' AND (agent_id IN (SELECT id FROM dead)
+      OR NOT EXISTS (SELECT 1 FROM mimeo.agent a WHERE a.id = job_log.agent_id))`
+
+const sqlForgetDeadAgents = `
+WITH dead AS (` + sqlDeadAgents + `)
+DELETE FROM mimeo.agent WHERE id IN (SELECT id FROM dead)
+  AND NOT EXISTS (SELECT 1 FROM mimeo.request r WHERE r.status = 'running' AND r.agent_id = agent.id)`
+
+// Recovered lists what Recover did.
+type Recovered struct {
+	Requeued []int64
+	Failed   []int64
+}
+
+// Recover returns to the queue (or fails, after maxAttempts) the requests
+// of agents that died while running them, closes their job log entries and
+// forgets them. staleAfter bounds how old a live agent's heartbeat may be.
+func Recover(ctx context.Context, db DB, staleAfter time.Duration, maxAttempts int) (Recovered, error) {
+	var out Recovered
+	stale := fmt.Sprintf("%d milliseconds", staleAfter.Milliseconds())
+	rows, err := db.Query(ctx, sqlRecoverOrphans, stale, maxAttempts)
+	if err != nil {
+		return out, fmt.Errorf("recover orphaned requests: %w", err)
+	}
+	for rows.Next() {
+		var id int64
+		var status string
+		if err := rows.Scan(&id, &status); err != nil {
+			rows.Close()
+			return out, fmt.Errorf("recover orphaned requests: %w", err)
+		}
+		if status == StatusFailed {
+			out.Failed = append(out.Failed, id)
+		} else {
+			out.Requeued = append(out.Requeued, id)
+		}
+	}
+	if err := rows.Err(); err != nil {
+		return out, fmt.Errorf("recover orphaned requests: %w", err)
+	}
+	if _, err := db.Exec(ctx, sqlCloseDeadJobs, stale); err != nil {
+		return out, fmt.Errorf("close jobs of dead agents: %w", err)
+	}
+	if _, err := db.Exec(ctx, sqlForgetDeadAgents, stale); err != nil {
+		return out, fmt.Errorf("forget dead agents: %w", err)
+	}
+	return out, nil
+}

@@ -1,0 +1,126 @@
+// Package sql holds mimeo's destination-side schema: versioned install and
+// upgrade scripts, embedded in the binary and also shaped as a PostgreSQL
+// extension (mimeo.control + mimeo--X.Y.Z.sql).
+package sql
+
+import (
+	"embed"
+	"fmt"
+	"io/fs"
+	"regexp"
+	"sort"
+	"strconv"
+	"strings"
+)
+
+// files holds the scripts exactly as CREATE EXTENSION reads them.
+//
+//go:embed mimeo--*.sql mimeo.control
+var files embed.FS
+
+// Version is the schema version this binary installs and expects.
+const Version = "0.1.0"
+
+// Files returns the embedded extension files (mimeo.control and the
+// mimeo--*.sql scripts), for copying into PostgreSQL's extension folder.
+func Files() fs.FS { return files }
+
+// step is one script: a full install (from == "") or an upgrade.
+type step struct {
+	from, to string
+	name     string
+}
+
+var scriptName = regexp.MustCompile(`^mimeo--([0-9.]+)(?:--([0-9.]+))?\.sql$`)
+
+// steps lists the scripts that take a database from version `from` ("" for
+// none) to Version: the newest full script not above Version when starting
+// fresh, then upgrades in order.
+func steps(from string) ([]step, error) {
+	entries, err := fs.ReadDir(files, ".")
+	if err != nil {
+		return nil, err
+	}
+	var bases, upgrades []step
+	for _, e := range entries {
+		m := scriptName.FindStringSubmatch(e.Name())
+		if m == nil {
+			continue
+		}
+		if m[2] == "" {
+			bases = append(bases, step{to: m[1], name: e.Name()})
+		} else {
+			upgrades = append(upgrades, step{from: m[1], to: m[2], name: e.Name()})
+		}
+	}
+	sort.Slice(bases, func(i, j int) bool { return compareVersions(bases[i].to, bases[j].to) < 0 })
+	var path []step
+	current := from
+	if current == "" {
+		for _, b := range bases {
+			if compareVersions(b.to, Version) <= 0 {
+				path = []step{b}
+				current = b.to
+			}
+		}
+		if current == "" {
+			return nil, fmt.Errorf("no install script for version %s", Version)
+		}
+	}
+	for compareVersions(current, Version) < 0 {
+		next := step{}
+		for _, u := range upgrades {
+			if u.from == current {
+				next = u
+				break
+			}
+		}
+		if next.name == "" {
+			return nil, fmt.Errorf("no upgrade script from version %s towards %s", current, Version)
+		}
+		path = append(path, next)
+		current = next.to
+	}
+	if compareVersions(current, Version) > 0 {
+		return nil, fmt.Errorf("%w: database has %s, this binary knows %s", ErrNewerSchema, current, Version)
+	}
+	return path, nil
+}
+
+// script returns a step's SQL made runnable outside CREATE EXTENSION: the
+// psql guard line and the pg_extension_config_dump calls are dropped.
+func script(name string) (string, error) {
+	b, err := files.ReadFile(name)
+	if err != nil {
+		return "", err
+	}
+	var out strings.Builder
+	for _, line := range strings.SplitAfter(string(b), "\n") {
+		if strings.HasPrefix(line, `\echo`) || strings.Contains(line, "pg_extension_config_dump") {
+			continue
+		}
+		out.WriteString(line)
+	}
+	return out.String(), nil
+}
+
+// compareVersions orders dotted numeric versions ("0.10.0" > "0.9.1").
+func compareVersions(a, b string) int {
+	as, bs := strings.Split(a, "."), strings.Split(b, ".")
+	for i := 0; i < len(as) || i < len(bs); i++ {
+		var x, y int
+		if i < len(as) {
+			x, _ = strconv.Atoi(as[i])
+		}
+		if i < len(bs) {
+			y, _ = strconv.Atoi(bs[i])
+		}
+		if x != y {
+			if x < y {
+				return -1
+			}
+			return 1
+		}
+	}
+	return 0
+}
