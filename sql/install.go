@@ -16,7 +16,6 @@ var ErrNewerSchema = errors.New("mimeo schema is newer than this binary")
 // mimeo-agent did not install (e.g. the PL/pgSQL mimeo extension).
 var ErrForeignSchema = errors.New("schema mimeo exists but was not installed by mimeo-agent")
 
-
 const (
 	sqlExtensionVersion = `SELECT extversion FROM pg_catalog.pg_extension WHERE extname = 'mimeo'`
 	sqlPrepare          = `

@@ -1,0 +1,118 @@
+package agent_test
+
+import (
+	"errors"
+	"net"
+	"testing"
+
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/stretchr/testify/require"
+)
+
+// sqlError runs a statement that must be refused at once, before anything
+// is queued, and returns the error message.
+func (e *env) sqlError(sql string, args ...any) string {
+	e.t.Helper()
+	_, err := e.dst.Exec(e.ctx, sql, args...)
+	var pgErr *pgconn.PgError
+	require.True(e.t, errors.As(err, &pgErr), "want a PostgreSQL error from %s, got %v", sql, err)
+	return pgErr.Message
+}
+
+func TestBadInputRaisesAtOnce(t *testing.T) {
+	t.Parallel()
+	e := setup(t)
+	e.createItems("public.items", 10)
+
+	require.Contains(t, e.sqlError(`SELECT mimeo.snapshot_maker('public.items', 999)`), "no source with data_source_id 999")
+	require.Contains(t, e.sqlError(`SELECT mimeo.snapshot_maker('items', $1)`, e.dblink), "must be schema-qualified")
+	require.Contains(t, e.sqlError(`SELECT mimeo.snapshot_maker('public."unterminated', $1)`, e.dblink), "not a valid name")
+	require.Contains(t, e.sqlError(`SELECT mimeo.refresh_snap('public.nothing')`), "is not a replicated table")
+	require.Contains(t, e.sqlError(`SELECT mimeo.snapshot_destroyer('public.nothing')`), "is not a replicated table")
+	require.Contains(t, e.sqlError(`SELECT mimeo.table_maker('public.x', NULL)`), "p_dblink_id is required")
+	e.exec(e.dst, `CREATE TABLE public.taken (id int)`)
+	require.Contains(t, e.sqlError(`SELECT mimeo.snapshot_maker('public.items', $1, 'public.taken')`, e.dblink), "already exists")
+
+	var queued int
+	require.NoError(t, e.dst.QueryRow(e.ctx, `SELECT count(*) FROM mimeo.request`).Scan(&queued))
+	require.Zero(t, queued, "refused calls queue nothing")
+}
+
+func TestBadInputFailsTheRequest(t *testing.T) {
+	t.Parallel()
+	e := setup(t)
+	e.createItems("public.items", 10)
+	e.exec(e.app, `CREATE TABLE public.secret (id int)`)
+	e.startAgent(e.config())
+
+	require.Contains(t, e.failed(`SELECT mimeo.snapshot_maker('public.missing', $1)`, e.dblink),
+		"public.missing: source table does not exist")
+	require.Contains(t, e.failed(`SELECT mimeo.snapshot_maker('public.secret', $1)`, e.dblink),
+		"lacks SELECT")
+	require.Contains(t, e.failed(`SELECT mimeo.snapshot_maker('public.items', $1, p_filter => ARRAY['id', 'nope'])`, e.dblink),
+		`filter names column "nope"`)
+	require.Contains(t, e.failed(`SELECT mimeo.snapshot_maker('public.items', $1, p_condition => 'WHERE nope > 1')`, e.dblink),
+		`column "nope" does not exist`)
+	require.Contains(t, e.failed(`SELECT mimeo.snapshot_maker('public.items', $1, p_condition => 'true); DROP TABLE public.items; --')`, e.dblink),
+		"condition")
+
+	var wrongPass, unreachable int
+	require.NoError(t, e.dst.QueryRow(e.ctx, `INSERT INTO mimeo.dblink_mapping (data_source, username, pwd)
+SELECT data_source, username, 'wrong' FROM mimeo.dblink_mapping WHERE data_source_id = $1 RETURNING data_source_id`, e.dblink).Scan(&wrongPass))
+	require.Contains(t, e.failed(`SELECT mimeo.snapshot_maker('public.items', $1)`, wrongPass), "password authentication failed")
+
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	closedPort := l.Addr().(*net.TCPAddr).Port
+	require.NoError(t, l.Close())
+	require.NoError(t, e.dst.QueryRow(e.ctx, `INSERT INTO mimeo.dblink_mapping (data_source, username, pwd) VALUES ($1, 'x', 'y') RETURNING data_source_id`,
+		e.sourceInfo(closedPort)).Scan(&unreachable))
+	msg := e.failed(`SELECT mimeo.snapshot_maker('public.items', $1)`, unreachable)
+	require.Contains(t, msg, "connect to source")
+	require.Contains(t, msg, "connection refused")
+
+	// None of that left anything behind, and the source table is intact.
+	var configs, tables int
+	require.NoError(t, e.dst.QueryRow(e.ctx, `SELECT (SELECT count(*) FROM mimeo.refresh_config), (SELECT count(*) FROM pg_tables WHERE schemaname = 'public')`).Scan(&configs, &tables))
+	require.Zero(t, configs)
+	require.Zero(t, tables)
+	var n int
+	require.NoError(t, e.src.QueryRow(e.ctx, `SELECT count(*) FROM public.items`).Scan(&n))
+	require.Equal(t, 10, n)
+
+	// The job log says what went wrong, too.
+	var critical int
+	require.NoError(t, e.dst.QueryRow(e.ctx, `SELECT count(*) FROM mimeo.job_log WHERE status = 'CRITICAL'`).Scan(&critical))
+	require.Equal(t, 7, critical)
+}
+
+func TestWaitTimesOutNamingAgentState(t *testing.T) {
+	t.Parallel()
+	e := setup(t)
+	e.createItems("public.items", 10)
+	id := e.request(`SELECT mimeo.snapshot_maker('public.items', $1)`, e.dblink)
+
+	require.Contains(t, e.sqlError(`SELECT mimeo.wait($1, '200 ms')`, id), "no mimeo-agent is running")
+	require.Contains(t, e.sqlError(`SELECT mimeo.wait(123456)`), "no request with id 123456")
+
+	tx, err := e.dst.Begin(e.ctx)
+	require.NoError(t, err)
+	defer tx.Rollback(e.ctx)
+	var inTx int64
+	require.NoError(t, tx.QueryRow(e.ctx, `SELECT mimeo.enqueue('refresh_snap', 'public.items')`).Scan(&inTx))
+	_, err = tx.Exec(e.ctx, `SELECT mimeo.wait($1, '1 s')`, inTx)
+	require.ErrorContains(t, err, "was made in this transaction")
+}
+
+// CALL ..._wait commits the request and blocks until the agent is done,
+// like the synchronous functions of the original mimeo.
+func TestCallWaitForm(t *testing.T) {
+	t.Parallel()
+	e := setup(t)
+	e.createItems("public.items", 100)
+	e.startAgent(e.config())
+	e.exec(e.dst, `CALL mimeo.snapshot_maker_wait('public.items', $1)`, e.dblink)
+	e.requireSame("public.items", "public.items")
+	_, err := e.dst.Exec(e.ctx, `CALL mimeo.snapshot_maker_wait('public.missing', $1)`, e.dblink)
+	require.ErrorContains(t, err, "source table does not exist")
+}
