@@ -84,7 +84,7 @@ WHERE r.id = (SELECT id FROM mimeo.request WHERE id = $2 AND status = 'queued' F
 RETURNING ` + requestColumns
 
 	sqlInsertRunning = `
-INSERT INTO mimeo.request (action, dest_table, args, status, started_at, agent_id, attempts)
+INSERT INTO mimeo.request AS r (action, dest_table, args, status, started_at, agent_id, attempts)
 VALUES ($1, $2, $3, 'running', clock_timestamp(), $4, 1)
 RETURNING ` + requestColumns
 

@@ -1,0 +1,152 @@
+package agent_test
+
+import (
+	"os"
+	"os/exec"
+	"path/filepath"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+)
+
+// slowSource makes every refresh of dest read slowly (a sleep per source
+// row) and forget the statistics, so runs overlap and always copy.
+func (e *env) slowSource(dest string) {
+	e.exec(e.dst, `UPDATE mimeo.refresh_config_snap
+SET condition = $$pg_sleep(0.002)::text = ''$$, n_tup_ins = NULL WHERE dest_table = $1`, dest)
+}
+
+func TestConcurrentRefreshOfOneTableSkipsTheSecond(t *testing.T) {
+	t.Parallel()
+	e := setup(t)
+	e.createItems("public.items", 400)
+	e.startAgent(e.config())
+	e.done(`SELECT mimeo.snapshot_maker('public.items', $1)`, e.dblink)
+	e.slowSource("public.items")
+
+	var first, second int64
+	require.NoError(t, e.dst.QueryRow(e.ctx, `SELECT mimeo.refresh_snap('public.items'), mimeo.refresh_snap('public.items')`).Scan(&first, &second))
+	a, b := e.await(first), e.await(second)
+	statuses := []string{a.Status, b.Status}
+	require.ElementsMatch(t, []string{"done", "skipped"}, statuses)
+	skipped := a
+	if b.Status == "skipped" {
+		skipped = b
+	}
+	require.Contains(t, *skipped.Message, "already running")
+	var warning string
+	require.NoError(t, e.dst.QueryRow(e.ctx, `SELECT status FROM mimeo.job_log WHERE job_id = $1`, *skipped.JobID).Scan(&warning))
+	require.Equal(t, "WARNING", warning)
+	e.requireSame("public.items", "public.items")
+}
+
+// Two agents on one destination never run a request twice, nor one table
+// twice at once.
+func TestTwoAgentsShareTheQueueSafely(t *testing.T) {
+	t.Parallel()
+	e := setup(t)
+	tables := []string{"public.a", "public.b", "public.c"}
+	for _, tbl := range tables {
+		e.createItems(tbl, 200)
+	}
+	e.startAgent(e.config())
+	e.startAgent(e.config())
+	for _, tbl := range tables {
+		e.done(`SELECT mimeo.snapshot_maker($1, $2)`, tbl, e.dblink)
+		e.slowSource(tbl)
+	}
+	var ids []int64
+	for range 4 {
+		for _, tbl := range tables {
+			ids = append(ids, e.request(`SELECT mimeo.refresh_snap($1)`, tbl))
+		}
+	}
+	agents := map[int64]bool{}
+	for _, id := range ids {
+		o := e.await(id)
+		require.Contains(t, []string{"done", "skipped"}, o.Status)
+		var attempts int
+		var agentID int64
+		require.NoError(t, e.dst.QueryRow(e.ctx, `SELECT attempts, agent_id FROM mimeo.request WHERE id = $1`, id).Scan(&attempts, &agentID))
+		require.Equal(t, 1, attempts, "request %d ran once", id)
+		agents[agentID] = true
+	}
+	require.Len(t, agents, 2, "both agents took work")
+	var jobs, overlaps int
+	require.NoError(t, e.dst.QueryRow(e.ctx, `SELECT count(*) FROM mimeo.job_log WHERE request_id = ANY($1)`, ids).Scan(&jobs))
+	require.Equal(t, len(ids), jobs, "one job per request")
+	require.NoError(t, e.dst.QueryRow(e.ctx, `
+SELECT count(*) FROM mimeo.job_log x JOIN mimeo.job_log y
+  ON x.dest_table = y.dest_table AND x.job_id < y.job_id AND x.status = 'OK' AND y.status = 'OK'
+ AND tstzrange(x.start_time, x.end_time) && tstzrange(y.start_time, y.end_time)
+WHERE x.request_id = ANY($1) AND y.request_id = ANY($1)`, ids).Scan(&overlaps))
+	require.Zero(t, overlaps, "no table ran twice at once")
+	for _, tbl := range tables {
+		e.requireSame(tbl, tbl)
+	}
+}
+
+// buildAgent compiles mimeo-agent for tests that need a process to kill.
+func buildAgent(t *testing.T) string {
+	t.Helper()
+	bin := filepath.Join(t.TempDir(), "mimeo-agent")
+	out, err := exec.Command("go", "build", "-o", bin, "github.com/mimeo-dev/mimeo/cmd/mimeo-agent").CombinedOutput()
+	require.NoError(t, err, string(out))
+	return bin
+}
+
+// An agent killed (SIGKILL) in the middle of a copy leaves readers on the
+// old copy; its request is recovered and the next run succeeds.
+func TestAgentKilledMidRefresh(t *testing.T) {
+	t.Parallel()
+	e := setup(t)
+	e.createItems("public.items", 2000)
+	bin := buildAgent(t)
+
+	cfg := e.config()
+	cmd := exec.Command(bin, "run")
+	cmd.Env = append(os.Environ(), "MIMEO_DATABASE_URL="+cfg.DatabaseURL, "MIMEO_POLL_INTERVAL=200ms", "MIMEO_LOG_LEVEL=debug")
+	logFile, err := os.Create(filepath.Join(t.TempDir(), "agent.log"))
+	require.NoError(t, err)
+	cmd.Stdout, cmd.Stderr = logFile, logFile
+	require.NoError(t, cmd.Start())
+	t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
+
+	e.done(`SELECT mimeo.snapshot_maker('public.items', $1)`, e.dblink)
+	before := checksum(t, e.ctx, e.dst, "public.items")
+	e.writeAndWaitStats("public.items", `DELETE FROM items WHERE id <= 1000`)
+	e.slowSource("public.items")
+	id := e.request(`SELECT mimeo.refresh_snap('public.items')`)
+
+	// Kill the agent once rows are flowing into the idle table.
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		var copying bool
+		require.NoError(t, e.dst.QueryRow(e.ctx, `SELECT EXISTS (SELECT 1 FROM pg_stat_progress_copy WHERE datname = current_database() AND tuples_processed > 0)`).Scan(&copying))
+		if copying {
+			break
+		}
+		require.True(t, time.Now().Before(deadline), "copy never started")
+		time.Sleep(5 * time.Millisecond)
+	}
+	require.NoError(t, cmd.Process.Signal(syscall.SIGKILL))
+	_ = cmd.Wait()
+
+	require.Equal(t, before, checksum(t, e.ctx, e.dst, "public.items"), "readers keep the old copy")
+	require.Equal(t, "items_snap1", e.viewReads("public.items"))
+
+	// A new agent recovers the orphaned request and completes it.
+	e.exec(e.dst, `UPDATE mimeo.refresh_config_snap SET condition = NULL`)
+	e.startAgent(cfg)
+	o := e.await(id)
+	require.Equal(t, "done", o.Status, "error: %v", deref(o.Error))
+	var attempts int
+	require.NoError(t, e.dst.QueryRow(e.ctx, `SELECT attempts FROM mimeo.request WHERE id = $1`, id).Scan(&attempts))
+	require.Equal(t, 2, attempts)
+	e.requireSame("public.items", "public.items")
+	var critical int
+	require.NoError(t, e.dst.QueryRow(e.ctx, `SELECT count(*) FROM mimeo.job_log WHERE request_id = $1 AND status = 'CRITICAL'`, id).Scan(&critical))
+	require.Equal(t, 1, critical, "the killed run's job is closed as CRITICAL")
+}
