@@ -162,7 +162,10 @@ func (a *Agent) serve(ctx context.Context, notified <-chan struct{}) {
 	)
 	recoverTick := time.NewTicker(a.cfg.HeartbeatInterval)
 	defer recoverTick.Stop()
+	scheduleTick := time.NewTicker(a.cfg.PollInterval)
+	defer scheduleTick.Stop()
 	a.recoverOrphans(ctx)
+	a.schedule(ctx)
 	for {
 		mu.Lock()
 		free := a.cfg.Workers - running
@@ -200,6 +203,8 @@ func (a *Agent) serve(ctx context.Context, notified <-chan struct{}) {
 		case <-freed:
 		case <-recoverTick.C:
 			a.recoverOrphans(ctx)
+		case <-scheduleTick.C:
+			a.schedule(ctx)
 		case <-time.After(poll):
 		}
 	}

@@ -495,6 +495,9 @@ BEGIN
         RAISE EXCEPTION 'mimeo: unknown replication type %', quote_literal(p_type)
             USING ERRCODE = 'invalid_parameter_value', HINT = 'Known types: snap, table.';
     END IF;
+    -- Serializes concurrent callers (several agents schedule at once), so
+    -- the pending-request check below cannot be raced.
+    PERFORM pg_advisory_xact_lock(hashtextextended('mimeo.run_refresh:' || p_type, 0));
     FOR v_dest IN
         SELECT c.dest_table FROM mimeo.refresh_config c
         WHERE c.type = p_type AND c.period IS NOT NULL

@@ -1,0 +1,88 @@
+package agent_test
+
+import (
+	"context"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"github.com/stretchr/testify/require"
+
+	"github.com/mimeo-dev/mimeo/agent"
+)
+
+// With polling practically off, only LISTEN/NOTIFY can deliver the request.
+func TestNotificationWakesTheAgent(t *testing.T) {
+	t.Parallel()
+	e := setup(t)
+	e.createItems("public.items", 10)
+	cfg := e.config()
+	cfg.PollInterval = time.Hour
+	e.startAgent(cfg)
+	var agents int
+	require.Eventually(t, func() bool {
+		return e.dst.QueryRow(e.ctx, `SELECT count(*) FROM mimeo.agent`).Scan(&agents) == nil && agents == 1
+	}, 10*time.Second, 20*time.Millisecond, "the agent registers its heartbeat row")
+	start := time.Now()
+	e.done(`SELECT mimeo.snapshot_maker('public.items', $1)`, e.dblink)
+	require.Less(t, time.Since(start), 10*time.Second)
+}
+
+// Tables with a period are refreshed without anyone asking.
+func TestPeriodicRefresh(t *testing.T) {
+	t.Parallel()
+	e := setup(t)
+	e.createItems("public.items", 10)
+	e.startAgent(e.config())
+	e.done(`SELECT mimeo.snapshot_maker('public.items', $1)`, e.dblink)
+	e.exec(e.dst, `UPDATE mimeo.refresh_config_snap SET period = '1 second'`)
+	e.writeAndWaitStats("public.items", `INSERT INTO items (id) VALUES (-1)`)
+	require.Eventually(t, func() bool {
+		return checksum(t, e.ctx, e.src, "public.items") == checksum(t, e.ctx, e.dst, "public.items")
+	}, 20*time.Second, 100*time.Millisecond)
+	var scheduled int
+	require.NoError(t, e.dst.QueryRow(e.ctx, `SELECT count(*) FROM mimeo.request WHERE action = 'refresh_snap' AND status = 'done'`).Scan(&scheduled))
+	require.Positive(t, scheduled)
+}
+
+// SIGTERM (a cancelled Run) lets a running job finish within the shutdown
+// timeout; past it, the job is rolled back and its request requeued.
+func TestShutdownRequeuesUnfinishedWork(t *testing.T) {
+	t.Parallel()
+	e := setup(t)
+	e.createItems("public.items", 3000)
+	first := e.config()
+	first.ShutdownTimeout = 200 * time.Millisecond
+	a, err := agent.New(e.ctx, first, hclog.New(&hclog.LoggerOptions{Output: testWriter{t}}))
+	require.NoError(t, err)
+	ctx, cancel := context.WithCancel(e.ctx)
+	var wg sync.WaitGroup
+	wg.Go(func() { _ = a.Run(ctx) })
+	e.done(`SELECT mimeo.snapshot_maker('public.items', $1)`, e.dblink)
+	before := checksum(t, e.ctx, e.dst, "public.items")
+	e.writeAndWaitStats("public.items", `DELETE FROM items WHERE id > 100`)
+	e.slowSource("public.items")
+	id := e.request(`SELECT mimeo.refresh_snap('public.items')`)
+	require.Eventually(t, func() bool {
+		var status string
+		return e.dst.QueryRow(e.ctx, `SELECT status FROM mimeo.request WHERE id = $1`, id).Scan(&status) == nil && status == "running"
+	}, 10*time.Second, 10*time.Millisecond)
+	cancel()
+	wg.Wait()
+	a.Close()
+
+	var status, message string
+	require.NoError(t, e.dst.QueryRow(e.ctx, `SELECT status, message FROM mimeo.request WHERE id = $1`, id).Scan(&status, &message))
+	require.Equal(t, "queued", status)
+	require.Contains(t, message, "interrupted by agent shutdown")
+	require.Equal(t, before, checksum(t, e.ctx, e.dst, "public.items"), "nothing half-applied")
+	var agents int
+	require.NoError(t, e.dst.QueryRow(e.ctx, `SELECT count(*) FROM mimeo.agent`).Scan(&agents))
+	require.Zero(t, agents, "a clean stop removes the agent row")
+
+	e.exec(e.dst, `UPDATE mimeo.refresh_config_snap SET condition = NULL`)
+	e.startAgent(e.config())
+	require.Equal(t, "done", e.await(id).Status)
+	e.requireSame("public.items", "public.items")
+}

@@ -1,0 +1,31 @@
+package agent
+
+import (
+	"context"
+	"time"
+)
+
+// scheduledTypes are the replication types whose periodic refreshes the
+// agent enqueues (tables with a period in mimeo.refresh_config).
+var scheduledTypes = []string{"snap", "table"}
+
+const sqlSchedule = `SELECT count(*) FROM unnest($1::text[]) t, LATERAL mimeo.run_refresh(t, $2) id`
+
+// schedule enqueues refreshes of tables whose last_run + period has passed,
+// as cron calling mimeo.run_refresh() would. run_refresh skips tables that
+// already have a request pending and serializes concurrent callers, so
+// every agent may call it.
+func (a *Agent) schedule(ctx context.Context) {
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	var n int
+	if err := a.pool.QueryRow(ctx, sqlSchedule, scheduledTypes, a.cfg.Workers).Scan(&n); err != nil {
+		if ctx.Err() == nil {
+			a.log.Warn("cannot schedule periodic refreshes", "error", err)
+		}
+		return
+	}
+	if n > 0 {
+		a.log.Debug("scheduled periodic refreshes", "count", n)
+	}
+}
