@@ -38,7 +38,7 @@ type index struct {
 // sourceTable is what a run learns about its source table up front.
 type sourceTable struct {
 	Name    ident.Name
-	Plain   bool // an ordinary table (COPY table TO is possible)
+	Plain   bool // an ordinary table: COPY table TO works, counters are kept
 	Columns []column
 	Stats   *tableStats // nil when the source keeps no counters for it
 	Indexes []index
@@ -46,7 +46,7 @@ type sourceTable struct {
 
 const (
 	sqlRelation = `
-SELECT c.oid, c.relkind IN ('r', 'p'), has_table_privilege(c.oid, 'SELECT')
+SELECT c.oid, c.relkind = 'r', has_any_column_privilege(c.oid, 'SELECT')
 FROM pg_catalog.pg_class c WHERE c.oid = to_regclass($1)`
 
 	sqlColumns = `
@@ -55,10 +55,12 @@ FROM pg_catalog.pg_attribute a
 WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped
 ORDER BY a.attnum`
 
-	// Counters are only trusted when track_counts is on.
+	// Counters are only trusted for ordinary tables (a partitioned parent
+	// or a view counts nothing) and when track_counts is on.
 	sqlStats = `
 SELECT s.n_tup_ins, s.n_tup_upd, s.n_tup_del
 FROM pg_catalog.pg_stat_all_tables s
+JOIN pg_catalog.pg_class c ON c.oid = s.relid AND c.relkind = 'r'
 WHERE s.relid = $1 AND current_setting('track_counts')::boolean`
 
 	// pg_get_indexdef() prints "CREATE [UNIQUE] INDEX <name> ON <table>

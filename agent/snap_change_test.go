@@ -108,3 +108,30 @@ func TestSnapOddNames(t *testing.T) {
 	e.done(`SELECT mimeo.snapshot_destroyer($1)`, weird)
 	e.done(`SELECT mimeo.snapshot_destroyer($1)`, longName)
 }
+
+// Partitioned tables and views as sources: they keep no write counters,
+// so every refresh copies.
+func TestSnapFromPartitionedTableAndView(t *testing.T) {
+	t.Parallel()
+	e := setup(t)
+	for _, q := range []string{
+		`CREATE TABLE public.parted (id int, region text, PRIMARY KEY (id, region)) PARTITION BY LIST (region)`,
+		`CREATE TABLE public.parted_eu PARTITION OF public.parted FOR VALUES IN ('eu')`,
+		`CREATE TABLE public.parted_us PARTITION OF public.parted FOR VALUES IN ('us')`,
+		`INSERT INTO public.parted SELECT g, CASE WHEN g % 2 = 0 THEN 'eu' ELSE 'us' END FROM generate_series(1, 100) g`,
+		`CREATE VIEW public.eu AS SELECT id FROM public.parted WHERE region = 'eu'`,
+		`GRANT SELECT ON public.parted, public.eu TO ` + replRole,
+	} {
+		e.exec(e.app, q)
+	}
+	e.startAgent(e.config())
+	e.done(`SELECT mimeo.snapshot_maker('public.parted', $1)`, e.dblink)
+	e.done(`SELECT mimeo.snapshot_maker('public.eu', $1)`, e.dblink)
+	e.exec(e.app, `INSERT INTO public.parted VALUES (1000, 'eu')`)
+	o := e.done(`SELECT mimeo.refresh_snap('public.parted')`)
+	require.EqualValues(t, 101, *o.Rows)
+	o = e.done(`SELECT mimeo.refresh_snap('public.eu')`)
+	require.EqualValues(t, 51, *o.Rows)
+	e.requireSame("public.parted", "public.parted")
+	e.requireSame("public.eu", "public.eu")
+}
