@@ -30,6 +30,7 @@ func TestBadInputRaisesAtOnce(t *testing.T) {
 	require.Contains(t, e.sqlError(`SELECT mimeo.refresh_snap('public.nothing')`), "is not a replicated table")
 	require.Contains(t, e.sqlError(`SELECT mimeo.snapshot_destroyer('public.nothing')`), "is not a replicated table")
 	require.Contains(t, e.sqlError(`SELECT mimeo.table_maker('public.x', NULL)`), "p_dblink_id is required")
+	require.Contains(t, e.sqlError(`SELECT mimeo.snapshot_maker('public.items', $1, 'nowhere.items')`, e.dblink), "destination schema of nowhere.items does not exist")
 	e.exec(e.dst, `CREATE TABLE public.taken (id int)`)
 	require.Contains(t, e.sqlError(`SELECT mimeo.snapshot_maker('public.items', $1, 'public.taken')`, e.dblink), "already exists")
 

@@ -68,7 +68,7 @@ func (r *run) step(ctx context.Context, action string, fn func() (string, error)
 	if r.debug {
 		level = hclog.Info
 	}
-	r.log.Log(level, action, "message", msg, "duration", time.Since(start))
+	r.log.Log(level, action, "message", msg, "duration", time.Since(start).Round(time.Millisecond).String())
 	return err
 }
 
@@ -185,7 +185,7 @@ func (a *Agent) executeLogged(ctx context.Context, req queue.Request, log hclog.
 			status = jobWarning
 		}
 		job.end(ctx, status, r.rows)
-		log.Info("run finished", "rows", r.rows, "duration", elapsed, "message", r.message)
+		log.Info("run finished", "rows", r.rows, "duration", elapsed.Round(time.Millisecond).String(), "message", r.message)
 		return queue.Outcome{Status: queue.StatusDone, Rows: r.rows, JobID: job.id, Message: r.message}
 	case err == nil:
 		err = fmt.Errorf("%s %s: handler ended without recording its outcome", req.Action, req.DestTable)
@@ -198,7 +198,7 @@ func (a *Agent) executeLogged(ctx context.Context, req queue.Request, log hclog.
 		}
 		r.job.add(ctx, "Failed", time.Now(), jobCritical, err.Error())
 		job.end(ctx, jobCritical, 0)
-		log.Error("run failed", "error", err, "duration", elapsed)
+		log.Error("run failed", "error", err, "duration", elapsed.Round(time.Millisecond).String())
 		return queue.Outcome{Status: queue.StatusFailed, JobID: job.id, Error: err.Error()}
 	}
 }

@@ -203,6 +203,11 @@ BEGIN
         RAISE EXCEPTION 'mimeo: destination table % already exists', p_dest_table
             USING ERRCODE = 'duplicate_table';
     END IF;
+    IF to_regnamespace(quote_ident((parse_ident(p_dest_table))[1])) IS NULL THEN
+        RAISE EXCEPTION 'mimeo: destination schema of % does not exist', p_dest_table
+            USING ERRCODE = 'invalid_schema_name',
+                  HINT = 'Create it first (CREATE SCHEMA ...), owned by or writable for the agent''s role.';
+    END IF;
 END
 $$;
 
