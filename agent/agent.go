@@ -34,6 +34,7 @@ type Agent struct {
 	pool     *pgxpool.Pool
 	sources  *sources
 	handlers map[string]handler
+	metrics  *metrics
 	id       atomic.Int64 // row in mimeo.agent, set by register
 
 	// jobCtx is the parent of every running job. It outlives Run's ctx by
@@ -65,7 +66,7 @@ func New(ctx context.Context, cfg Config, logger hclog.Logger) (*Agent, error) {
 	if err != nil {
 		return nil, fmt.Errorf("connect to destination: %w", err)
 	}
-	a := &Agent{cfg: cfg, log: logger, pool: pool, sources: newSources(cfg, logger.Named("source")), stopping: make(chan struct{})}
+	a := &Agent{cfg: cfg, log: logger, pool: pool, sources: newSources(cfg, logger.Named("source")), stopping: make(chan struct{}), metrics: newMetrics()}
 	a.jobCtx, a.cancelJob = context.WithCancel(context.WithoutCancel(ctx))
 	a.handlers = a.registerHandlers()
 	if err := a.checkSchema(ctx); err != nil {
@@ -125,6 +126,11 @@ func (a *Agent) Run(ctx context.Context) error {
 	var bg sync.WaitGroup
 	bgCtx, stopBG := context.WithCancel(context.WithoutCancel(ctx))
 	defer stopBG()
+	if a.cfg.MetricsAddr != "" {
+		if err := a.serveMetrics(bgCtx, a.cfg.MetricsAddr); err != nil {
+			return fmt.Errorf("serve metrics on %s: %w", a.cfg.MetricsAddr, err)
+		}
+	}
 	bg.Go(func() { _ = listener.Run(bgCtx) })
 
 	select {
@@ -180,6 +186,8 @@ func (a *Agent) serve(ctx context.Context, notified <-chan struct{}) {
 				running++
 				mu.Unlock()
 				wg.Go(func() {
+					a.metrics.running.Inc()
+					defer a.metrics.running.Dec()
 					a.execute(a.jobCtx, req)
 					mu.Lock()
 					running--

@@ -33,6 +33,8 @@ type Config struct {
 	SourceIdleTimeout time.Duration `env:"MIMEO_SOURCE_IDLE_TIMEOUT, default=1m"`
 	// ConnectTimeout bounds connecting to a source.
 	ConnectTimeout time.Duration `env:"MIMEO_CONNECT_TIMEOUT, default=10s"`
+	// MetricsAddr, when set, serves Prometheus metrics at http://<addr>/metrics.
+	MetricsAddr string `env:"MIMEO_METRICS_ADDR"`
 	// LogLevel is trace, debug, info, warn or error.
 	LogLevel string `env:"MIMEO_LOG_LEVEL, default=info"`
 	// LogFormat is text or json.

@@ -2,6 +2,10 @@ package agent_test
 
 import (
 	"context"
+	"io"
+	"net"
+	"net/http"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -85,4 +89,33 @@ func TestShutdownRequeuesUnfinishedWork(t *testing.T) {
 	e.startAgent(e.config())
 	require.Equal(t, "done", e.await(id).Status)
 	e.requireSame("public.items", "public.items")
+}
+
+func TestMetricsEndpoint(t *testing.T) {
+	t.Parallel()
+	e := setup(t)
+	e.createItems("public.items", 25)
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	addr := l.Addr().String()
+	require.NoError(t, l.Close())
+	cfg := e.config()
+	cfg.MetricsAddr = addr
+	e.startAgent(cfg)
+	e.done(`SELECT mimeo.snapshot_maker('public.items', $1)`, e.dblink)
+
+	var body string
+	require.Eventually(t, func() bool {
+		resp, err := http.Get("http://" + addr + "/metrics")
+		if err != nil {
+			return false
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		body = string(b)
+		// The metric is counted just after the request row says done.
+		return resp.StatusCode == http.StatusOK &&
+			strings.Contains(body, `mimeo_requests_total{action="snapshot_maker",status="done"} 1`)
+	}, 5*time.Second, 50*time.Millisecond, "metrics: %s", body)
+	require.Contains(t, body, `mimeo_rows_moved_total{action="snapshot_maker"} 25`)
 }

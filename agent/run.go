@@ -107,7 +107,9 @@ const sqlTableUnlock = `SELECT pg_advisory_unlock(hashtextextended('mimeo.table:
 // execute runs one claimed request to its end and records the outcome.
 func (a *Agent) execute(ctx context.Context, req queue.Request) queue.Outcome {
 	log := a.log.With("request_id", req.ID, "action", req.Action, "table", req.DestTable)
+	start := time.Now()
 	out := a.executeLogged(ctx, req, log)
+	a.metrics.observe(req.Action, out, time.Since(start))
 	if out.Status == "" {
 		return out // handed back to the queue
 	}
