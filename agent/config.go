@@ -39,6 +39,19 @@ type Config struct {
 	LogLevel string `env:"MIMEO_LOG_LEVEL, default=info"`
 	// LogFormat is text or json.
 	LogFormat string `env:"MIMEO_LOG_FORMAT, default=text"`
+
+	// Clock, when set, replaces time.Now where the agent judges the wall
+	// clock itself (the DST pause); tests use it. Not read from the
+	// environment.
+	Clock func() time.Time
+}
+
+// now is the configured clock.
+func (c Config) now() time.Time {
+	if c.Clock != nil {
+		return c.Clock()
+	}
+	return time.Now()
 }
 
 // LoadConfig reads the configuration from lookuper (envconfig.OsLookuper()

@@ -10,5 +10,11 @@ func (a *Agent) registerHandlers() map[string]handler {
 		"table_maker":        {job: "Table Maker", run: a.makeTable},
 		"refresh_table":      {job: "Refresh Table", run: a.refreshTable},
 		"table_destroyer":    {job: "Table Destroyer", run: a.destroyTable},
+		"inserter_maker":     {job: "Inserter Maker", run: a.makeInserter},
+		"refresh_inserter":   {job: "Refresh Inserter", run: a.refreshInserter},
+		"inserter_destroyer": {job: "Inserter Destroyer", run: a.destroyTable},
+		"updater_maker":      {job: "Updater Maker", run: a.makeUpdater},
+		"refresh_updater":    {job: "Refresh Updater", run: a.refreshUpdater},
+		"updater_destroyer":  {job: "Updater Destroyer", run: a.destroyTable},
 	}
 }

@@ -34,6 +34,7 @@ type run struct {
 	debug   bool // p_debug: steps are logged at info instead of debug
 
 	completed bool
+	skipped   bool // ended without work, e.g. paused for a DST change
 	rows      int64
 	message   string
 	warning   bool
@@ -98,6 +99,12 @@ func (r *run) complete(ctx context.Context, tx pgx.Tx, rows int64, message strin
 	}
 	r.completed, r.rows, r.message = true, rows, message
 	return nil
+}
+
+// skip ends the run without work: the request ends skipped with message.
+func (r *run) skip(ctx context.Context, message string) {
+	r.skipped, r.message = true, message
+	r.note(ctx, "Skip", message, true)
 }
 
 // tableLockKey is the advisory lock one run of a destination table holds.
@@ -181,6 +188,10 @@ func (a *Agent) executeLogged(ctx context.Context, req queue.Request, log hclog.
 	}
 	elapsed := time.Since(r.started)
 	switch {
+	case err == nil && r.skipped:
+		job.end(ctx, jobWarning, 0)
+		log.Info("run skipped", "message", r.message)
+		return queue.Outcome{Status: queue.StatusSkipped, JobID: job.id, Message: r.message}
 	case err == nil && r.completed:
 		status := jobOK
 		if r.warning {

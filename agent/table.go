@@ -129,6 +129,8 @@ func (a *Agent) refreshTable(ctx context.Context, r *run) error {
 	})
 }
 
+// destroyTable ends the replication of a plain destination table (table,
+// inserter, updater): the config goes, and the table too unless ARCHIVE.
 func (a *Agent) destroyTable(ctx context.Context, r *run) error {
 	var args destroyerArgs
 	if err := r.args(&args); err != nil {
@@ -138,13 +140,13 @@ func (a *Agent) destroyTable(ctx context.Context, r *run) error {
 		msg := "kept " + r.dest.String() + " as a plain table"
 		if !args.Archive {
 			if _, err := tx.Exec(ctx, "DROP TABLE IF EXISTS "+r.dest.Sanitize()); err != nil {
-				return fmt.Errorf("table_destroyer %s: %w", r.dest, err)
+				return fmt.Errorf("%s %s: %w", r.req.Action, r.dest, err)
 			}
 			msg = "dropped " + r.dest.String()
 		}
 		tag, err := tx.Exec(ctx, sqlDeleteConfig, r.req.DestTable)
 		if err != nil {
-			return fmt.Errorf("table_destroyer %s: delete config: %w", r.dest, err)
+			return fmt.Errorf("%s %s: delete config: %w", r.req.Action, r.dest, err)
 		}
 		if tag.RowsAffected() == 0 {
 			return fmt.Errorf("%s: %w", r.req.DestTable, ErrNotConfigured)

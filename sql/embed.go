@@ -19,7 +19,7 @@ import (
 var files embed.FS
 
 // Version is the schema version this binary installs and expects.
-const Version = "0.1.0"
+const Version = "0.2.0"
 
 // Files returns the embedded extension files (mimeo.control and the
 // mimeo--*.sql scripts), for copying into PostgreSQL's extension folder.
@@ -34,9 +34,9 @@ type step struct {
 var scriptName = regexp.MustCompile(`^mimeo--([0-9.]+)(?:--([0-9.]+))?\.sql$`)
 
 // steps lists the scripts that take a database from version `from` ("" for
-// none) to Version: the newest full script not above Version when starting
+// none) to target: the newest full script not above target when starting
 // fresh, then upgrades in order.
-func steps(from string) ([]step, error) {
+func steps(from, target string) ([]step, error) {
 	entries, err := fs.ReadDir(files, ".")
 	if err != nil {
 		return nil, err
@@ -58,16 +58,16 @@ func steps(from string) ([]step, error) {
 	current := from
 	if current == "" {
 		for _, b := range bases {
-			if compareVersions(b.to, Version) <= 0 {
+			if compareVersions(b.to, target) <= 0 {
 				path = []step{b}
 				current = b.to
 			}
 		}
 		if current == "" {
-			return nil, fmt.Errorf("no install script for version %s", Version)
+			return nil, fmt.Errorf("no install script for version %s", target)
 		}
 	}
-	for compareVersions(current, Version) < 0 {
+	for compareVersions(current, target) < 0 {
 		next := step{}
 		for _, u := range upgrades {
 			if u.from == current {
@@ -76,13 +76,13 @@ func steps(from string) ([]step, error) {
 			}
 		}
 		if next.name == "" {
-			return nil, fmt.Errorf("no upgrade script from version %s towards %s", current, Version)
+			return nil, fmt.Errorf("no upgrade script from version %s towards %s", current, target)
 		}
 		path = append(path, next)
 		current = next.to
 	}
-	if compareVersions(current, Version) > 0 {
-		return nil, fmt.Errorf("%w: database has %s, this binary knows %s", ErrNewerSchema, current, Version)
+	if compareVersions(current, target) > 0 {
+		return nil, fmt.Errorf("%w: database has %s, this binary knows %s", ErrNewerSchema, current, target)
 	}
 	return path, nil
 }

@@ -44,13 +44,19 @@ type Result struct {
 // runs in its own transaction together with its version row, under an
 // advisory lock, so running Install twice, or twice at once, is harmless.
 func Install(ctx context.Context, conn *pgx.Conn) (Result, error) {
+	return InstallVersion(ctx, conn, Version)
+}
+
+// InstallVersion is Install up to a given version (an upgrade test starts
+// from an older one).
+func InstallVersion(ctx context.Context, conn *pgx.Conn, target string) (Result, error) {
 	var extVersion string
 	err := conn.QueryRow(ctx, sqlExtensionVersion).Scan(&extVersion)
 	if err == nil {
-		if compareVersions(extVersion, Version) != 0 {
+		if compareVersions(extVersion, target) != 0 {
 			return Result{From: extVersion, To: extVersion, Extension: true}, fmt.Errorf(
 				"mimeo is installed as extension version %s, this binary needs %s: run ALTER EXTENSION mimeo UPDATE TO '%s'",
-				extVersion, Version, Version)
+				extVersion, target, target)
 		}
 		return Result{From: extVersion, To: extVersion, Extension: true}, nil
 	}
@@ -60,7 +66,7 @@ func Install(ctx context.Context, conn *pgx.Conn) (Result, error) {
 
 	var res Result
 	for {
-		done, err := installStep(ctx, conn, &res)
+		done, err := installStep(ctx, conn, target, &res)
 		if err != nil || done {
 			return res, err
 		}
@@ -68,7 +74,7 @@ func Install(ctx context.Context, conn *pgx.Conn) (Result, error) {
 }
 
 // installStep applies the next script, if any, in one transaction.
-func installStep(ctx context.Context, conn *pgx.Conn, res *Result) (done bool, err error) {
+func installStep(ctx context.Context, conn *pgx.Conn, target string, res *Result) (done bool, err error) {
 	tx, err := conn.Begin(ctx)
 	if err != nil {
 		return false, fmt.Errorf("begin install: %w", err)
@@ -95,7 +101,7 @@ func installStep(ctx context.Context, conn *pgx.Conn, res *Result) (done bool, e
 			return false, ErrForeignSchema
 		}
 	}
-	path, err := steps(current)
+	path, err := steps(current, target)
 	if err != nil {
 		return false, err
 	}

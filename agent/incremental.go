@@ -1,0 +1,449 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"strings"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/mimeo-dev/mimeo/internal/ident"
+	"github.com/mimeo-dev/mimeo/queue"
+)
+
+// Incremental replication (inserter, updater): rows whose control column
+// passed last_value, up to an upper bound that keeps clear of rows still
+// being written, in batches that each commit together with the new
+// last_value. A batch ends on a control value and takes every row with that
+// value (a tie is never split, even when it is larger than the batch), so
+// the next batch starts strictly after it: nothing is missed or doubled.
+
+// incConfig is a row of mimeo.refresh_config_inserter or _updater.
+type incConfig struct {
+	Type       string // "inserter" or "updater"
+	Source     string
+	Dblink     int
+	Filter     []string
+	Condition  string
+	BatchLimit int
+	Indexes    bool
+	Control    string
+	Kind       controlKind
+	Boundary   string
+	LastValue  *string
+	DstActive  bool
+	DstStart   int
+	DstEnd     int
+	PkField    []string
+}
+
+// incTypes are the incremental types; the names are also those of their
+// config tables (mimeo.refresh_config_<type>), so only these reach SQL.
+var incTypes = []string{"inserter", "updater"}
+
+func configTable(typ string) string {
+	if !slices.Contains(incTypes, typ) {
+		panic("agent: not an incremental type: " + typ)
+	}
+	return "mimeo.refresh_config_" + typ
+}
+
+const sqlIncConfig = `
+SELECT source_table, dblink, filter, coalesce(condition, ''), batch_limit, create_indexes,
+       control, control_type, boundary, last_value, dst_active, dst_start, dst_end, %s
+FROM %s WHERE dest_table = $1`
+
+func loadIncConfig(ctx context.Context, q queue.DB, typ, dest string) (*incConfig, error) {
+	c := &incConfig{Type: typ}
+	pk := "NULL::text[]"
+	if typ == "updater" {
+		pk = "pk_field"
+	}
+	var kind string
+	err := q.QueryRow(ctx, fmt.Sprintf(sqlIncConfig, pk, configTable(typ)), dest).Scan(
+		&c.Source, &c.Dblink, &c.Filter, &c.Condition, &c.BatchLimit, &c.Indexes,
+		&c.Control, &kind, &c.Boundary, &c.LastValue, &c.DstActive, &c.DstStart, &c.DstEnd, &c.PkField)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return nil, fmt.Errorf("%s: %w as %s", dest, ErrNotConfigured, typ)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("read config of %s: %w", dest, err)
+	}
+	c.Kind = controlKind(kind)
+	return c, nil
+}
+
+// incRefreshArgs are the arguments of refresh_inserter / refresh_updater.
+type incRefreshArgs struct {
+	Limit       *int    `json:"limit"`
+	Repull      bool    `json:"repull"`
+	RepullStart *string `json:"repull_start"`
+	RepullEnd   *string `json:"repull_end"`
+}
+
+// refreshIncremental catches a table up, or re-pulls it (all of it, or an
+// exclusive range of control values).
+func (a *Agent) refreshIncremental(ctx context.Context, r *run, typ string) error {
+	var args incRefreshArgs
+	if err := r.args(&args); err != nil {
+		return err
+	}
+	cfg, err := loadIncConfig(ctx, r.dst, typ, r.req.DestTable)
+	if err != nil {
+		return err
+	}
+	src, st, err := a.openIncSource(ctx, r, cfg)
+	if err != nil {
+		return err
+	}
+	defer src.Release()
+
+	if cfg.DstActive {
+		paused, msg, err := a.dstPause(ctx, src, cfg)
+		if err != nil {
+			return fmt.Errorf("refresh %s: %w", r.dest, err)
+		}
+		if paused {
+			r.skip(ctx, msg)
+			return nil
+		}
+	}
+	limit := cfg.BatchLimit
+	if args.Limit != nil {
+		limit = *args.Limit
+	}
+	switch {
+	case args.Repull && (args.RepullStart != nil || args.RepullEnd != nil):
+		return a.repullRange(ctx, r, src, cfg, st, args.RepullStart, args.RepullEnd)
+	case args.Repull:
+		err := withTx(ctx, r.dst, func(tx pgx.Tx) error {
+			if _, err := tx.Exec(ctx, "TRUNCATE "+r.dest.Sanitize()); err != nil {
+				return fmt.Errorf("truncate %s: %w", r.dest, err)
+			}
+			_, err := tx.Exec(ctx, "UPDATE "+configTable(typ)+" SET last_value = NULL WHERE dest_table = $1", r.req.DestTable)
+			return err
+		})
+		if err != nil {
+			return fmt.Errorf("repull %s: %w", r.dest, err)
+		}
+		r.note(ctx, "Repull", "truncated "+r.dest.String()+"; reloading everything in batches", false)
+		cfg.LastValue = nil
+	}
+	return a.catchUp(ctx, r, src, cfg, st, limit)
+}
+
+// openIncSource connects to the source and checks that its table still
+// fits the config: control column of the same kind, key columns present,
+// and every copied column present on the destination with the same type.
+func (a *Agent) openIncSource(ctx context.Context, r *run, cfg *incConfig) (*pgxpool.Conn, *sourceTable, error) {
+	srcName, err := ident.Parse(cfg.Source)
+	if err != nil {
+		return nil, nil, fmt.Errorf("refresh %s: source table: %w", r.dest, err)
+	}
+	src, desc, err := a.sources.acquire(ctx, r.dst, cfg.Dblink)
+	if err != nil {
+		return nil, nil, fmt.Errorf("refresh %s: %w", r.dest, err)
+	}
+	r.note(ctx, "Connect to source", "connected to source "+desc, false)
+	st, err := describeSource(ctx, src, srcName, cfg.Filter, cfg.Condition, false)
+	if err == nil {
+		err = checkIncColumns(ctx, r.dst, r.dest, st, cfg)
+	}
+	if err != nil {
+		src.Release()
+		return nil, nil, fmt.Errorf("refresh %s: %w", r.dest, err)
+	}
+	return src, st, nil
+}
+
+func checkIncColumns(ctx context.Context, dst queue.DB, dest ident.Name, st *sourceTable, cfg *incConfig) error {
+	kind, err := controlColumn(st, cfg.Control)
+	if err != nil {
+		return err
+	}
+	if kind != cfg.Kind {
+		return fmt.Errorf("control column %q is now %s, was %s: recreate the table with the destroyer and maker", cfg.Control, kind, cfg.Kind)
+	}
+	for _, k := range cfg.PkField {
+		if !slices.ContainsFunc(st.Columns, func(c column) bool { return c.Name == k }) {
+			return fmt.Errorf("key column %q is no longer a copied column of %s", k, st.Name)
+		}
+	}
+	current, err := relationColumns(ctx, dst, dest)
+	if err != nil {
+		return err
+	}
+	if current == nil {
+		return fmt.Errorf("destination table %s is missing (recreate it with the destroyer and maker)", dest)
+	}
+	for _, c := range st.Columns {
+		i := slices.IndexFunc(current, func(d column) bool { return d.Name == c.Name })
+		if i < 0 || current[i].Type != c.Type {
+			return fmt.Errorf("%w: column %q (%s) of %s does not match the destination; change the destination table to match, or recreate it",
+				ErrColumnsChanged, c.Name, c.Type, st.Name)
+		}
+	}
+	return nil
+}
+
+// controlColumn finds the control column among the copied columns.
+func controlColumn(st *sourceTable, name string) (controlKind, error) {
+	i := slices.IndexFunc(st.Columns, func(c column) bool { return c.Name == name })
+	if i < 0 {
+		return "", fmt.Errorf("control column %q is not a column of %s (or p_filter leaves it out)", name, st.Name)
+	}
+	kind, ok := controlKindOf(st.Columns[i].Type)
+	if !ok {
+		return "", fmt.Errorf("control column %q has type %s; it must be timestamptz, timestamp or an integer (serial)", name, st.Columns[i].Type)
+	}
+	return kind, nil
+}
+
+// catchUp copies batches until it reaches the run's upper bound.
+func (a *Agent) catchUp(ctx context.Context, r *run, src *pgxpool.Conn, cfg *incConfig, st *sourceTable, limit int) error {
+	bound, err := a.upperBound(ctx, src, cfg, st)
+	if err != nil {
+		return fmt.Errorf("refresh %s: %w", r.dest, err)
+	}
+	var total int64
+	batches := 0
+	last := cfg.LastValue
+	for {
+		end, final := "", false
+		if bound != "" {
+			end, final, err = batchEnd(ctx, src, cfg, st, deref(last), bound, limit)
+			if err != nil {
+				return fmt.Errorf("refresh %s: find batch: %w", r.dest, err)
+			}
+		}
+		if end == "" { // caught up
+			return withTx(ctx, r.dst, func(tx pgx.Tx) error {
+				return a.finishInc(ctx, tx, r, cfg, total, batches, last)
+			})
+		}
+		where := window(cfg.Kind, cfg.Control, deref(last), end, "<=", cfg.Condition)
+		var rows int64
+		err := withTx(ctx, r.dst, func(tx pgx.Tx) error {
+			var err error
+			if rows, err = applyRows(ctx, tx, src, cfg, st, r.dest, where); err != nil {
+				return err
+			}
+			if err := advance(ctx, tx, cfg, r.req.DestTable, end); err != nil {
+				return err
+			}
+			if final {
+				l := end
+				return a.finishInc(ctx, tx, r, cfg, total+rows, batches+1, &l)
+			}
+			return nil
+		})
+		if err != nil {
+			return fmt.Errorf("refresh %s: batch %d after %s: %w", r.dest, batches+1, describeLast(last), err)
+		}
+		total += rows
+		batches++
+		last = &end
+		if r.debug {
+			r.note(ctx, "Batch", fmt.Sprintf("batch %d: %d rows up to %s", batches, rows, end), false)
+		}
+		if final {
+			return nil
+		}
+		if ctx.Err() != nil {
+			return ctx.Err() // committed batches stay; the request is resumed
+		}
+	}
+}
+
+func describeLast(last *string) string {
+	if last == nil {
+		return "the start"
+	}
+	return *last
+}
+
+// finishInc records the run's end in its last transaction.
+func (a *Agent) finishInc(ctx context.Context, tx pgx.Tx, r *run, cfg *incConfig, rows int64, batches int, last *string) error {
+	if _, err := tx.Exec(ctx, "UPDATE "+configTable(cfg.Type)+" SET last_run = $2 WHERE dest_table = $1", r.req.DestTable, r.started); err != nil {
+		return fmt.Errorf("record run: %w", err)
+	}
+	msg := fmt.Sprintf("copied %d rows in %d batches; last_value %s", rows, batches, describeLast(last))
+	if batches == 0 {
+		msg = "nothing new on the source; last_value " + describeLast(last)
+	}
+	r.note(ctx, "Summary", msg, false)
+	return r.complete(ctx, tx, rows, msg)
+}
+
+// upperBound is the highest control value this run may copy ("" when the
+// source has nothing): now() - boundary for time columns, or the start of
+// the oldest open source transaction with 'auto'; max - boundary for
+// serial ones.
+func (a *Agent) upperBound(ctx context.Context, src *pgxpool.Conn, cfg *incConfig, st *sourceTable) (string, error) {
+	var bound *string
+	var err error
+	switch {
+	case cfg.Kind.timed() && cfg.Boundary == "auto":
+		if err := checkStatsVisible(ctx, src); err != nil {
+			return "", err
+		}
+		// A transaction still open may yet commit rows whose control value
+		// is as old as its start: nothing at or after that moment is safe.
+		err = src.QueryRow(ctx, `SELECT `+cfg.Kind.text(`least(now(),
+    (SELECT min(xact_start) FROM pg_catalog.pg_stat_activity
+     WHERE datname = current_database() AND pid <> pg_backend_pid() AND backend_type = 'client backend'),
+    (SELECT min(prepared) FROM pg_catalog.pg_prepared_xacts WHERE database = current_database()))::`+cfg.Kind.sqlType())).Scan(&bound)
+	case cfg.Kind.timed():
+		err = src.QueryRow(ctx, `SELECT `+cfg.Kind.text(`(now() - $1::interval)::`+cfg.Kind.sqlType()), cfg.Boundary).Scan(&bound)
+	default:
+		err = src.QueryRow(ctx, `SELECT `+cfg.Kind.text(`max(`+ident.Quote(cfg.Control)+`) - $1::bigint`)+` FROM `+st.Name.Sanitize(), cfg.Boundary).Scan(&bound)
+	}
+	if err != nil {
+		return "", fmt.Errorf("compute upper bound: %w", err)
+	}
+	return deref(bound), nil
+}
+
+// checkStatsVisible makes sure the replication role sees every session's
+// transaction start; without pg_read_all_stats it sees only its own, and
+// 'auto' would be unsafe.
+func checkStatsVisible(ctx context.Context, src *pgxpool.Conn) error {
+	var ok bool
+	err := src.QueryRow(ctx, `SELECT pg_has_role('pg_read_all_stats', 'MEMBER') OR (SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user)`).Scan(&ok)
+	if err != nil {
+		return fmt.Errorf("check pg_read_all_stats: %w", err)
+	}
+	if !ok {
+		return errors.New("boundary 'auto' needs to see other sessions' transactions: GRANT pg_read_all_stats TO the replication role on the source")
+	}
+	return nil
+}
+
+// batchEnd finds the control value that ends the next batch: the limit-th
+// row's value (final=false) or, with fewer rows left, the largest one
+// (final=true); "" when no rows are left.
+func batchEnd(ctx context.Context, src *pgxpool.Conn, cfg *incConfig, st *sourceTable, last, bound string, limit int) (string, bool, error) {
+	where := window(cfg.Kind, cfg.Control, last, bound, cfg.Kind.upperOp(), cfg.Condition)
+	c := ident.Quote(cfg.Control)
+	var end string
+	err := src.QueryRow(ctx, `SELECT `+cfg.Kind.text(c)+` FROM `+st.Name.Sanitize()+` `+where+
+		` ORDER BY `+c+` OFFSET $1 LIMIT 1`, limit-1).Scan(&end)
+	if err == nil {
+		return end, false, nil
+	}
+	if !errors.Is(err, pgx.ErrNoRows) {
+		return "", false, err
+	}
+	var maxEnd *string
+	if err := src.QueryRow(ctx, `SELECT `+cfg.Kind.text(`max(`+c+`)`)+` FROM `+st.Name.Sanitize()+` `+where).Scan(&maxEnd); err != nil {
+		return "", false, err
+	}
+	return deref(maxEnd), maxEnd != nil, nil
+}
+
+// applyRows streams the source rows matching where into the destination:
+// appended (inserter), or through a staging table that replaces rows by
+// key (updater), set-based.
+func applyRows(ctx context.Context, tx pgx.Tx, src *pgxpool.Conn, cfg *incConfig, st *sourceTable, dest ident.Name, where string) (int64, error) {
+	out := "COPY (SELECT " + columnList(st.Columns) + " FROM " + st.Name.Sanitize() + " " + where + ") TO STDOUT (FORMAT binary)"
+	if cfg.Type == "inserter" {
+		in := "COPY " + dest.Sanitize() + " (" + columnList(st.Columns) + ") FROM STDIN (FORMAT binary)"
+		return copyRows(ctx, src.Conn().PgConn(), out, tx.Conn().PgConn(), in)
+	}
+	stage := ident.Quote("mimeo_stage")
+	if _, err := tx.Exec(ctx, "CREATE TEMP TABLE "+stage+" ("+columnDefs(st.Columns)+") ON COMMIT DROP"); err != nil {
+		return 0, fmt.Errorf("create staging table: %w", err)
+	}
+	n, err := copyRows(ctx, src.Conn().PgConn(), out, tx.Conn().PgConn(),
+		"COPY "+stage+" ("+columnList(st.Columns)+") FROM STDIN (FORMAT binary, FREEZE)")
+	if err != nil {
+		return 0, err
+	}
+	if n == 0 {
+		return 0, nil
+	}
+	keys := make([]string, len(cfg.PkField))
+	for i, k := range cfg.PkField {
+		keys[i] = "d." + ident.Quote(k) + " = s." + ident.Quote(k)
+	}
+	if _, err := tx.Exec(ctx, "ANALYZE "+stage); err != nil {
+		return 0, fmt.Errorf("analyze staging table: %w", err)
+	}
+	if _, err := tx.Exec(ctx, "DELETE FROM "+dest.Sanitize()+" d USING "+stage+" s WHERE "+strings.Join(keys, " AND ")); err != nil {
+		return 0, fmt.Errorf("delete replaced rows: %w", err)
+	}
+	if _, err := tx.Exec(ctx, "INSERT INTO "+dest.Sanitize()+" ("+columnList(st.Columns)+") SELECT "+columnList(st.Columns)+" FROM "+stage); err != nil {
+		return 0, fmt.Errorf("insert rows: %w", err)
+	}
+	return n, nil
+}
+
+// advance moves last_value forward inside the batch's transaction; it
+// refuses to move it backwards.
+func advance(ctx context.Context, tx pgx.Tx, cfg *incConfig, dest, value string) error {
+	t := cfg.Kind.sqlType()
+	tag, err := tx.Exec(ctx, "UPDATE "+configTable(cfg.Type)+" SET last_value = $2::text WHERE dest_table = $1 AND (last_value IS NULL OR last_value::"+t+" <= $2::text::"+t+")", dest, value)
+	if err != nil {
+		return fmt.Errorf("advance last_value: %w", err)
+	}
+	if tag.RowsAffected() != 1 {
+		return fmt.Errorf("last_value of %s would move backwards to %s; nothing applied", dest, value)
+	}
+	return nil
+}
+
+// repullRange deletes and re-pulls the rows with control values strictly
+// between start and end (end defaults to last_value, inclusive), in one
+// transaction; the updater also replaces rows by key.
+func (a *Agent) repullRange(ctx context.Context, r *run, src *pgxpool.Conn, cfg *incConfig, st *sourceTable, start, end *string) error {
+	canon := func(v *string, what string) (string, error) {
+		if v == nil {
+			return "", nil
+		}
+		var out string
+		if err := src.QueryRow(ctx, `SELECT `+cfg.Kind.text(`$1::text::`+cfg.Kind.sqlType()), *v).Scan(&out); err != nil {
+			return "", fmt.Errorf("%s %q is not a valid %s: %w", what, *v, cfg.Kind.sqlType(), err)
+		}
+		return out, nil
+	}
+	lower, err := canon(start, "p_repull_start")
+	if err != nil {
+		return fmt.Errorf("repull %s: %w", r.dest, err)
+	}
+	upper, err := canon(end, "p_repull_end")
+	if err != nil {
+		return fmt.Errorf("repull %s: %w", r.dest, err)
+	}
+	op := "<"
+	if end == nil {
+		if cfg.LastValue == nil {
+			return withTx(ctx, r.dst, func(tx pgx.Tx) error { return a.finishInc(ctx, tx, r, cfg, 0, 0, nil) })
+		}
+		upper, op = *cfg.LastValue, "<="
+	}
+	return withTx(ctx, r.dst, func(tx pgx.Tx) error {
+		if _, err := tx.Exec(ctx, "DELETE FROM "+r.dest.Sanitize()+" "+window(cfg.Kind, cfg.Control, lower, upper, op, "")); err != nil {
+			return fmt.Errorf("repull %s: delete range: %w", r.dest, err)
+		}
+		rows, err := applyRows(ctx, tx, src, cfg, st, r.dest, window(cfg.Kind, cfg.Control, lower, upper, op, cfg.Condition))
+		if err != nil {
+			return fmt.Errorf("repull %s: %w", r.dest, err)
+		}
+		msg := fmt.Sprintf("re-pulled %d rows with %s in (%s, %s%s", rows, cfg.Control, orDash(lower), upper, map[string]string{"<": ")", "<=": "]"}[op])
+		r.note(ctx, "Repull range", msg, false)
+		if _, err := tx.Exec(ctx, "UPDATE "+configTable(cfg.Type)+" SET last_run = $2 WHERE dest_table = $1", r.req.DestTable, r.started); err != nil {
+			return fmt.Errorf("record run: %w", err)
+		}
+		return r.complete(ctx, tx, rows, msg)
+	})
+}
+
+func orDash(s string) string {
+	if s == "" {
+		return "-infinity"
+	}
+	return s
+}

@@ -1,0 +1,269 @@
+package agent
+
+import (
+	"context"
+	"fmt"
+	"slices"
+	"strconv"
+	"strings"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/mimeo-dev/mimeo/internal/ident"
+)
+
+// incMakerArgs are the arguments of inserter_maker / updater_maker.
+type incMakerArgs struct {
+	makerArgs
+	Control  string   `json:"control"`
+	Boundary *string  `json:"boundary"`
+	PkField  []string `json:"pk_field"`
+	PkType   []string `json:"pk_type"`
+}
+
+const sqlIncInsertConfig = `
+INSERT INTO %s (dest_table, type, dblink, source_table, filter, condition, create_indexes,
+                control, control_type, boundary, last_value, dst_active %s)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12 %s)`
+
+// makeIncremental sets up an inserter or updater table. A new destination
+// table is created with the source's indexes and, with p_pulldata, caught
+// up in batches like a refresh. An existing one is used as it is: nothing
+// is pulled, and replication starts after its highest control value.
+func (a *Agent) makeIncremental(ctx context.Context, r *run, typ string) error {
+	var args incMakerArgs
+	if err := r.args(&args); err != nil {
+		return err
+	}
+	fail := func(err error) error { return fmt.Errorf("%s_maker %s: %w", typ, r.dest, err) }
+	srcName, err := ident.Parse(args.SrcTable)
+	if err != nil {
+		return fail(fmt.Errorf("source table: %w", err))
+	}
+	src, desc, err := a.sources.acquire(ctx, r.dst, args.Dblink)
+	if err != nil {
+		return fail(err)
+	}
+	defer src.Release()
+	r.note(ctx, "Connect to source", "connected to source "+desc, false)
+	st, err := describeSource(ctx, src, srcName, args.Filter, args.Condition, true)
+	if err != nil {
+		return fail(err)
+	}
+	kind, err := controlColumn(st, args.Control)
+	if err != nil {
+		return fail(err)
+	}
+	boundary, err := normalizeBoundary(ctx, src, kind, args.Boundary)
+	if err != nil {
+		return fail(err)
+	}
+	var keys, keyTypes []string
+	if typ == "updater" {
+		if keys, keyTypes, err = updaterKey(st, args.PkField, args.PkType); err != nil {
+			return fail(err)
+		}
+	}
+	dstActive := false
+	if kind == kindTimestamp {
+		if err := src.QueryRow(ctx, sqlObservesDST).Scan(&dstActive); err != nil {
+			return fail(fmt.Errorf("check source time zone: %w", err))
+		}
+	}
+	existing, err := relationColumns(ctx, r.dst, r.dest)
+	if err != nil {
+		return fail(err)
+	}
+	cfg := &incConfig{Type: typ, Source: args.SrcTable, Dblink: args.Dblink, Filter: args.Filter, Condition: args.Condition,
+		Indexes: args.indexes(), Control: args.Control, Kind: kind, Boundary: boundary, DstActive: dstActive, PkField: keys}
+
+	caughtUp := existing != nil || !args.pull()
+	err = withTx(ctx, r.dst, func(tx pgx.Tx) error {
+		var configured bool
+		if err := tx.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM mimeo.refresh_config WHERE dest_table = $1)`, r.req.DestTable).Scan(&configured); err != nil {
+			return err
+		}
+		if configured {
+			return fmt.Errorf("%s: %w", r.dest, ErrDestinationExists)
+		}
+		msg := ""
+		if existing == nil {
+			if _, err := tx.Exec(ctx, "CREATE TABLE "+r.dest.Sanitize()+" ("+columnDefs(st.Columns)+")"); err != nil {
+				return fmt.Errorf("create %s: %w", r.dest, err)
+			}
+			if args.indexes() {
+				if err := r.createIndexes(ctx, tx, st, r.dest); err != nil {
+					return err
+				}
+			}
+			if typ == "updater" {
+				if err := ensureKeyIndex(ctx, tx, r.dest, keys); err != nil {
+					return err
+				}
+			}
+			msg = fmt.Sprintf("created %s; nothing pulled (p_pulldata is false): the first refresh pulls everything", r.dest)
+		} else {
+			if err := checkIncColumns(ctx, tx, r.dest, st, cfg); err != nil {
+				return err
+			}
+			start, err := startingValue(ctx, tx, src, r.dest, st, cfg)
+			if err != nil {
+				return err
+			}
+			cfg.LastValue = &start
+			msg = fmt.Sprintf("using the existing table %s: nothing pulled; replication starts after %s = %s", r.dest, cfg.Control, start)
+		}
+		pkCols, pkVals := "", ""
+		params := []any{r.req.DestTable, typ, args.Dblink, args.SrcTable, nullIfEmpty(args.Filter), nullString(args.Condition),
+			args.indexes(), args.Control, string(kind), boundary, cfg.LastValue, dstActive}
+		if typ == "updater" {
+			pkCols, pkVals = ", pk_field, pk_type", ", $13, $14"
+			params = append(params, keys, keyTypes)
+		}
+		if _, err := tx.Exec(ctx, fmt.Sprintf(sqlIncInsertConfig, configTable(typ), pkCols, pkVals), params...); err != nil {
+			return fmt.Errorf("record config: %w", err)
+		}
+		if caughtUp {
+			return r.complete(ctx, tx, 0, msg)
+		}
+		return nil
+	})
+	if err != nil || caughtUp {
+		if err != nil {
+			return fail(err)
+		}
+		return nil
+	}
+	cfg.BatchLimit = 10000
+	if err := r.dst.QueryRow(ctx, "SELECT batch_limit FROM "+configTable(typ)+" WHERE dest_table = $1", r.req.DestTable).Scan(&cfg.BatchLimit); err != nil {
+		return fail(err)
+	}
+	return a.catchUp(ctx, r, src, cfg, st, cfg.BatchLimit)
+}
+
+// normalizeBoundary checks the boundary against the control column's kind
+// and returns it in canonical form; NULL means 10 minutes or 1.
+func normalizeBoundary(ctx context.Context, src *pgxpool.Conn, kind controlKind, given *string) (string, error) {
+	b := strings.TrimSpace(deref(given))
+	switch {
+	case strings.EqualFold(b, "auto") && kind.timed():
+		return "auto", checkStatsVisible(ctx, src)
+	case strings.EqualFold(b, "auto"):
+		return "", fmt.Errorf("boundary 'auto' needs a timestamp control column; for %s give an integer boundary", describeKind(kind))
+	case b == "" && kind.timed():
+		return "00:10:00", nil
+	case b == "":
+		return "1", nil
+	case kind.timed():
+		var canon string
+		if err := src.QueryRow(ctx, `SELECT $1::interval::text`, b).Scan(&canon); err != nil {
+			return "", fmt.Errorf("boundary %q is not an interval: %w", b, err)
+		}
+		return canon, nil
+	default:
+		n, err := strconv.ParseInt(b, 10, 64)
+		if err != nil || n < 0 {
+			return "", fmt.Errorf("boundary %q must be a non-negative integer for %s", b, describeKind(kind))
+		}
+		return strconv.FormatInt(n, 10), nil
+	}
+}
+
+// startingValue is where replication into an existing table starts: its
+// highest control value, or where the source is now when it is empty.
+func startingValue(ctx context.Context, tx pgx.Tx, src *pgxpool.Conn, dest ident.Name, st *sourceTable, cfg *incConfig) (string, error) {
+	c := ident.Quote(cfg.Control)
+	var v *string
+	if err := tx.QueryRow(ctx, `SELECT `+cfg.Kind.text(`max(`+c+`)`)+` FROM `+dest.Sanitize()).Scan(&v); err != nil {
+		return "", fmt.Errorf("read max %s of %s: %w", cfg.Control, dest, err)
+	}
+	if v != nil {
+		return *v, nil
+	}
+	q := `SELECT ` + cfg.Kind.text(`now()::`+cfg.Kind.sqlType())
+	if !cfg.Kind.timed() {
+		q = `SELECT ` + cfg.Kind.text(`coalesce(max(`+c+`), 0)`) + ` FROM ` + st.Name.Sanitize()
+	}
+	var s string
+	if err := src.QueryRow(ctx, q).Scan(&s); err != nil {
+		return "", fmt.Errorf("read the source's current %s: %w", cfg.Control, err)
+	}
+	return s, nil
+}
+
+// updaterKey picks the columns rows are replaced by: p_pk_field when given,
+// else the source's primary key, else its first unique index by name.
+func updaterKey(st *sourceTable, field, types []string) ([]string, []string, error) {
+	has := func(name string) (column, bool) {
+		i := slices.IndexFunc(st.Columns, func(c column) bool { return c.Name == name })
+		if i < 0 {
+			return column{}, false
+		}
+		return st.Columns[i], true
+	}
+	if len(field) > 0 {
+		for _, f := range field {
+			if _, ok := has(f); !ok {
+				return nil, nil, fmt.Errorf("p_pk_field names %q, which is not a copied column of %s", f, st.Name)
+			}
+		}
+		return field, types, nil
+	}
+	candidates := slices.Clone(st.Indexes)
+	slices.SortStableFunc(candidates, func(x, y index) int {
+		if x.Primary != y.Primary {
+			if x.Primary {
+				return -1
+			}
+			return 1
+		}
+		return strings.Compare(x.Name, y.Name)
+	})
+	for _, ix := range candidates {
+		if !ix.Unique || ix.HasExpr || len(ix.Columns) == 0 {
+			continue
+		}
+		var cols, typs []string
+		for _, name := range ix.Columns {
+			c, ok := has(name)
+			if !ok {
+				cols = nil
+				break
+			}
+			cols, typs = append(cols, c.Name), append(typs, c.Type)
+		}
+		if cols != nil {
+			return cols, typs, nil
+		}
+	}
+	return nil, nil, fmt.Errorf("source table %s has no primary key or unique index to replace rows by: give p_pk_field and p_pk_type", st.Name)
+}
+
+// ensureKeyIndex makes sure the destination has a unique index on exactly
+// the key columns, which the set-based replace relies on.
+func ensureKeyIndex(ctx context.Context, tx pgx.Tx, dest ident.Name, keys []string) error {
+	var exists bool
+	err := tx.QueryRow(ctx, `
+SELECT EXISTS (
+    SELECT 1 FROM pg_catalog.pg_index i
+    WHERE i.indrelid = to_regclass($1) AND i.indisunique AND i.indexprs IS NULL AND i.indpred IS NULL
+      AND (SELECT array_agg(a.attname::text ORDER BY k.ord) FROM unnest(i.indkey) WITH ORDINALITY k(attnum, ord)
+           JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum) = $2::text[])`,
+		dest.Sanitize(), keys).Scan(&exists)
+	if err != nil {
+		return fmt.Errorf("look for a key index on %s: %w", dest, err)
+	}
+	if exists {
+		return nil
+	}
+	cols := make([]string, len(keys))
+	for i, k := range keys {
+		cols[i] = ident.Quote(k)
+	}
+	name := ident.Derive(dest.Table, "_mimeo_key")
+	if _, err := tx.Exec(ctx, "CREATE UNIQUE INDEX "+ident.Quote(name)+" ON "+dest.Sanitize()+" ("+strings.Join(cols, ", ")+")"); err != nil {
+		return fmt.Errorf("create key index on %s: %w", dest, err)
+	}
+	return nil
+}
