@@ -7,8 +7,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"math/rand/v2"
 	"os"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -163,7 +165,7 @@ func (a *Agent) serve(ctx context.Context, notified <-chan struct{}) {
 	var (
 		wg      sync.WaitGroup
 		mu      sync.Mutex
-		running int
+		running = map[int64]bool{} // requests this agent is running now
 		freed   = make(chan struct{}, 1)
 	)
 	recoverTick := time.NewTicker(a.cfg.HeartbeatInterval)
@@ -174,7 +176,7 @@ func (a *Agent) serve(ctx context.Context, notified <-chan struct{}) {
 	a.schedule(ctx)
 	for {
 		mu.Lock()
-		free := a.cfg.Workers - running
+		free := a.cfg.Workers - len(running)
 		mu.Unlock()
 		if free > 0 && ctx.Err() == nil {
 			reqs, err := queue.Claim(ctx, a.pool, a.agentID(), free)
@@ -183,14 +185,14 @@ func (a *Agent) serve(ctx context.Context, notified <-chan struct{}) {
 			}
 			for _, req := range reqs {
 				mu.Lock()
-				running++
+				running[req.ID] = true
 				mu.Unlock()
 				wg.Go(func() {
 					a.metrics.running.Inc()
 					defer a.metrics.running.Dec()
 					a.execute(a.jobCtx, req)
 					mu.Lock()
-					running--
+					delete(running, req.ID)
 					mu.Unlock()
 					select {
 					case freed <- struct{}{}:
@@ -211,6 +213,14 @@ func (a *Agent) serve(ctx context.Context, notified <-chan struct{}) {
 		case <-freed:
 		case <-recoverTick.C:
 			a.recoverOrphans(ctx)
+			mu.Lock()
+			ids := slices.Collect(maps.Keys(running))
+			mu.Unlock()
+			if lost, err := queue.RequeueLost(ctx, a.pool, a.agentID(), ids); err != nil && ctx.Err() == nil {
+				a.log.Warn("cannot check own requests", "error", err)
+			} else if len(lost) > 0 {
+				a.log.Warn("requeued requests this agent had lost track of", "request_ids", lost)
+			}
 		case <-scheduleTick.C:
 			a.schedule(ctx)
 		case <-time.After(poll):

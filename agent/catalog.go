@@ -41,7 +41,10 @@ type sourceTable struct {
 	Plain   bool // an ordinary table: COPY table TO works, counters are kept
 	Columns []column
 	Stats   *tableStats // nil when the source keeps no counters for it
-	Indexes []index
+	// Filenode changes on TRUNCATE, VACUUM FULL and CLUSTER, which leave
+	// the write counters alone; nil unless Plain.
+	Filenode *int64
+	Indexes  []index
 }
 
 const (
@@ -123,6 +126,11 @@ func describeSource(ctx context.Context, q queue.DB, name ident.Name, filter []s
 		return nil, fmt.Errorf("read statistics of source table %s: %w", name, err)
 	default:
 		t.Stats = &s
+	}
+	if t.Plain {
+		if err := q.QueryRow(ctx, `SELECT pg_relation_filenode($1::oid)::bigint`, oid).Scan(&t.Filenode); err != nil {
+			return nil, fmt.Errorf("read file node of source table %s: %w", name, err)
+		}
 	}
 	if withIndexes {
 		if t.Indexes, err = readIndexes(ctx, q, oid); err != nil {

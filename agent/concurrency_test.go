@@ -120,11 +120,13 @@ func TestAgentKilledMidRefresh(t *testing.T) {
 	e.slowSource("public.items")
 	id := e.request(`SELECT mimeo.refresh_snap('public.items')`)
 
-	// Kill the agent once rows are flowing into the idle table.
+	// Kill the agent while the idle table is being loaded (the slowed
+	// source keeps the COPY open for seconds).
 	deadline := time.Now().Add(30 * time.Second)
 	for {
 		var copying bool
-		require.NoError(t, e.dst.QueryRow(e.ctx, `SELECT EXISTS (SELECT 1 FROM pg_stat_progress_copy WHERE datname = current_database() AND tuples_processed > 0)`).Scan(&copying))
+		require.NoError(t, e.dst.QueryRow(e.ctx, `SELECT EXISTS (SELECT 1 FROM pg_stat_activity
+WHERE datname = current_database() AND state = 'active' AND query LIKE 'COPY %items_snap2% FROM STDIN%')`).Scan(&copying))
 		if copying {
 			break
 		}

@@ -41,6 +41,9 @@ func TestMain(m *testing.M) {
 		if err := pgtest.CreateRole(ctx, dst, "reader", "", "NOLOGIN"); err != nil {
 			return err
 		}
+		if err := pgtest.CreateRole(ctx, dst, "operator", "", "LOGIN"); err != nil {
+			return err
+		}
 		if err := pgtest.CreateRole(ctx, src, replRole, replPass, "LOGIN"); err != nil {
 			return err
 		}

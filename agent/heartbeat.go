@@ -20,6 +20,11 @@ SELECT id, pg_advisory_lock(mimeo.agent_lock_key(), id::int) FROM a`
 	sqlRelock     = `SELECT pg_advisory_lock(mimeo.agent_lock_key(), $1::int)`
 	sqlAgentAlive = `SELECT EXISTS (SELECT 1 FROM mimeo.agent WHERE id = $1)`
 	sqlHeartbeat  = `UPDATE mimeo.agent SET last_seen = clock_timestamp() WHERE id = $1`
+	// Peers forget an agent they judged dead (a long pause, say); one that
+	// is in fact alive puts its row back under the same id.
+	sqlReinsert = `
+INSERT INTO mimeo.agent (id, host, pid, version) VALUES ($1, $2, $3, $4)
+ON CONFLICT (id) DO UPDATE SET last_seen = clock_timestamp()`
 	sqlDeregister = `DELETE FROM mimeo.agent WHERE id = $1`
 )
 
@@ -57,8 +62,16 @@ func (a *Agent) heartbeat(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case <-t.C:
-			if _, err := a.pool.Exec(ctx, sqlHeartbeat, a.agentID()); err != nil && ctx.Err() == nil {
+			tag, err := a.pool.Exec(ctx, sqlHeartbeat, a.agentID())
+			switch {
+			case err != nil && ctx.Err() == nil:
 				a.log.Warn("cannot write heartbeat", "error", err)
+			case err == nil && tag.RowsAffected() == 0:
+				a.log.Error("agent row was removed by another agent that took this one for dead; its running requests may have been requeued",
+					"agent_id", a.agentID())
+				if _, err := a.pool.Exec(ctx, sqlReinsert, a.agentID(), hostname(), os.Getpid(), Version); err != nil && ctx.Err() == nil {
+					a.log.Warn("cannot restore agent row", "error", err)
+				}
 			}
 		}
 	}

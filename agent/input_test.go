@@ -7,6 +7,8 @@ import (
 
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/stretchr/testify/require"
+
+	"github.com/mimeo-dev/mimeo/internal/pgtest"
 )
 
 // sqlError runs a statement that must be refused at once, before anything
@@ -30,6 +32,7 @@ func TestBadInputRaisesAtOnce(t *testing.T) {
 	require.Contains(t, e.sqlError(`SELECT mimeo.refresh_snap('public.nothing')`), "is not a replicated table")
 	require.Contains(t, e.sqlError(`SELECT mimeo.snapshot_destroyer('public.nothing')`), "is not a replicated table")
 	require.Contains(t, e.sqlError(`SELECT mimeo.table_maker('public.x', NULL)`), "p_dblink_id is required")
+	require.Contains(t, e.sqlError(`SELECT mimeo.run_refresh('bogus')`), "unknown replication type")
 	require.Contains(t, e.sqlError(`SELECT mimeo.snapshot_maker('public.items', $1, 'nowhere.items')`, e.dblink), "destination schema of nowhere.items does not exist")
 	e.exec(e.dst, `CREATE TABLE public.taken (id int)`)
 	require.Contains(t, e.sqlError(`SELECT mimeo.snapshot_maker('public.items', $1, 'public.taken')`, e.dblink), "already exists")
@@ -116,4 +119,33 @@ func TestCallWaitForm(t *testing.T) {
 	e.requireSame("public.items", "public.items")
 	_, err := e.dst.Exec(e.ctx, `CALL mimeo.snapshot_maker_wait('public.missing', $1)`, e.dblink)
 	require.ErrorContains(t, err, "source table does not exist")
+}
+
+// An operator role granted one function can call it, and nothing else:
+// neither the other functions nor the queue table behind them.
+func TestOperatorRoleNeedsOnlyExecute(t *testing.T) {
+	t.Parallel()
+	e := setup(t)
+	e.createItems("public.items", 10)
+	e.startAgent(e.config())
+	e.done(`SELECT mimeo.snapshot_maker('public.items', $1)`, e.dblink)
+	require.Contains(t, e.sqlError(`SELECT mimeo.snapshot_destroyer('public.items', 'KEEP')`), "p_archive_option must be")
+
+	e.exec(e.dst, `GRANT USAGE ON SCHEMA mimeo TO operator`)
+	e.exec(e.dst, `GRANT EXECUTE ON FUNCTION mimeo.refresh_snap(text, boolean, boolean), mimeo.wait(bigint, interval) TO operator`)
+	op := e.pool(pgtest.Destination().ConnString(e.dstDB, "operator", ""))
+	var id int64
+	require.NoError(t, op.QueryRow(e.ctx, `SELECT mimeo.refresh_snap('public.items')`).Scan(&id))
+	var status, by string
+	require.NoError(t, op.QueryRow(e.ctx, `SELECT status, requested_by FROM mimeo.wait($1, '30 s')`, id).Scan(&status, &by))
+	require.Equal(t, "done", status)
+	require.Equal(t, "operator", by, "the request says who asked")
+	for _, q := range []string{
+		`SELECT mimeo.snapshot_destroyer('public.items')`,
+		`INSERT INTO mimeo.request (action, dest_table) VALUES ('snapshot_destroyer', 'public.items')`,
+		`SELECT * FROM mimeo.dblink_mapping`,
+	} {
+		_, err := op.Exec(e.ctx, q)
+		require.ErrorContains(t, err, "permission denied", q)
+	}
 }

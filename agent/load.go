@@ -83,7 +83,7 @@ func (r *run) createIndexes(ctx context.Context, tx pgx.Tx, src *sourceTable, ta
 			}
 			q += "INDEX " + ident.Quote(name) + " ON " + target.Sanitize() + " " + ix.Body
 			if _, err := tx.Exec(ctx, "SAVEPOINT mimeo_index"); err != nil {
-				return "", err
+				return "", fmt.Errorf("create index %s: %w", name, err)
 			}
 			_, err := tx.Exec(ctx, q)
 			if err == nil && ix.Primary {
@@ -91,13 +91,13 @@ func (r *run) createIndexes(ctx context.Context, tx pgx.Tx, src *sourceTable, ta
 			}
 			if err != nil {
 				if _, rerr := tx.Exec(ctx, "ROLLBACK TO SAVEPOINT mimeo_index"); rerr != nil {
-					return "", rerr
+					return "", fmt.Errorf("skip index %s: %w", name, rerr)
 				}
 				skipped = append(skipped, fmt.Sprintf("%s (%v)", ix.Name, err))
 				continue
 			}
 			if _, err := tx.Exec(ctx, "RELEASE SAVEPOINT mimeo_index"); err != nil {
-				return "", err
+				return "", fmt.Errorf("create index %s: %w", name, err)
 			}
 			made = append(made, name)
 		}

@@ -39,6 +39,10 @@ func (a *Agent) RefreshOnce(ctx context.Context, destTable string, debug bool) (
 		return queue.Outcome{}, err
 	}
 	defer a.deregister()
+	// Beat like a daemon, or the daemons would take a long run for dead.
+	hbCtx, stopHeartbeat := context.WithCancel(ctx)
+	defer stopHeartbeat()
+	go a.heartbeat(hbCtx)
 
 	req, err := queue.InsertRunning(ctx, a.pool, a.agentID(), "refresh_"+typ, canonical, map[string]any{"debug": debug})
 	if err != nil {

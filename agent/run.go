@@ -35,6 +35,7 @@ type run struct {
 
 	completed bool
 	skipped   bool // ended without work, e.g. paused for a DST change
+	dirty     bool // ran DBA SQL that may have changed session state: close dst
 	rows      int64
 	message   string
 	warning   bool
@@ -118,7 +119,15 @@ func (a *Agent) execute(ctx context.Context, req queue.Request) queue.Outcome {
 	out := a.executeLogged(ctx, req, log)
 	a.metrics.observe(req.Action, out, time.Since(start))
 	if out.Status == "" {
-		return out // handed back to the queue
+		// Interrupted by shutdown. The run's connection, and with it the
+		// table lock, is gone by now, so whoever takes the request next
+		// will not find the table still locked.
+		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+		defer cancel()
+		if err := queue.Requeue(rctx, a.pool, a.agentID(), req.ID, "requeued: interrupted by agent shutdown"); err != nil {
+			log.Error("cannot requeue interrupted request", "error", err)
+		}
+		return out
 	}
 	if out.Status != queue.StatusDone || out.JobID == 0 {
 		// Failures and skips are recorded here; successes were recorded in
@@ -184,7 +193,8 @@ func (a *Agent) executeLogged(ctx context.Context, req queue.Request, log hclog.
 	err = h.run(ctx, r)
 	if err == nil {
 		var unlocked bool
-		healthy = conn.QueryRow(context.WithoutCancel(ctx), sqlTableUnlock, req.DestTable).Scan(&unlocked) == nil && unlocked
+		healthy = !r.dirty &&
+			conn.QueryRow(context.WithoutCancel(ctx), sqlTableUnlock, req.DestTable).Scan(&unlocked) == nil && unlocked
 	}
 	elapsed := time.Since(r.started)
 	switch {
@@ -216,17 +226,12 @@ func (a *Agent) executeLogged(ctx context.Context, req queue.Request, log hclog.
 	}
 }
 
-// interrupted hands a request back to the queue when the agent is shutting
-// down, and fails it otherwise.
+// interrupted returns the outcome of a run that could not go on: back to
+// the queue (an empty outcome) when the agent is shutting down, else failed.
 func (a *Agent) interrupted(ctx context.Context, req queue.Request, log hclog.Logger, err error) queue.Outcome {
 	if a.shuttingDown() && ctx.Err() != nil {
-		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
-		defer cancel()
-		if qerr := queue.Requeue(rctx, a.pool, a.agentID(), req.ID, "requeued: interrupted by agent shutdown"); qerr != nil {
-			log.Error("cannot requeue interrupted request", "error", qerr)
-		}
-		log.Warn("run interrupted by shutdown; request requeued")
-		return queue.Outcome{}
+		log.Warn("run interrupted by shutdown; request goes back to the queue")
+		return queue.Outcome{} // execute requeues it
 	}
 	log.Error("run failed", "error", err)
 	return queue.Outcome{Status: queue.StatusFailed, Error: err.Error()}

@@ -2,8 +2,11 @@ package agent
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
+	"strings"
 
 	"github.com/jackc/pgx/v5"
 
@@ -23,24 +26,42 @@ type snapConfig struct {
 	Filter     []string
 	Condition  *string
 	Stats      *tableStats
+	Filenode   *int64
+	CopiedWith *string // copiedWith() of the filter and condition of the last copy
 	PostScript []string
 	Indexes    bool
 }
 
+// copiedWith fingerprints what a copy selected, so that a changed filter or
+// condition is never mistaken for "nothing changed".
+func copiedWith(filter []string, condition string) string {
+	sum := sha256.Sum256([]byte(strings.Join(filter, "\x00") + "\x01" + condition))
+	return hex.EncodeToString(sum[:8])
+}
+
+// unchanged reports whether the source is provably as it was at the last
+// copy: same columns, write counters, file node and selection.
+func (c *snapConfig) unchanged(st *sourceTable, sameCols bool, with string) bool {
+	return sameCols && c.Stats != nil && st.Stats != nil && *c.Stats == *st.Stats &&
+		c.Filenode != nil && st.Filenode != nil && *c.Filenode == *st.Filenode &&
+		c.CopiedWith != nil && *c.CopiedWith == with
+}
+
 const (
 	sqlSnapConfig = `
-SELECT source_table, dblink, filter, condition, n_tup_ins, n_tup_upd, n_tup_del, post_script, create_indexes
+SELECT source_table, dblink, filter, condition, n_tup_ins, n_tup_upd, n_tup_del, source_filenode, copied_with,
+       post_script, create_indexes
 FROM mimeo.refresh_config_snap WHERE dest_table = $1`
 
 	sqlSnapInsertConfig = `
 INSERT INTO mimeo.refresh_config_snap
     (dest_table, type, dblink, source_table, filter, condition, post_script, create_indexes,
-     n_tup_ins, n_tup_upd, n_tup_del, last_run)
-VALUES ($1, 'snap', $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)`
+     n_tup_ins, n_tup_upd, n_tup_del, last_run, source_filenode, copied_with)
+VALUES ($1, 'snap', $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)`
 
 	sqlSnapUpdateConfig = `
 UPDATE mimeo.refresh_config_snap
-SET n_tup_ins = $2, n_tup_upd = $3, n_tup_del = $4, last_run = $5
+SET n_tup_ins = $2, n_tup_upd = $3, n_tup_del = $4, last_run = $5, source_filenode = $6, copied_with = $7
 WHERE dest_table = $1`
 
 	sqlSnapTouch = `UPDATE mimeo.refresh_config_snap SET last_run = $2 WHERE dest_table = $1`
@@ -123,7 +144,8 @@ func (a *Agent) makeSnap(ctx context.Context, r *run) error {
 		}
 		if _, err := tx.Exec(ctx, sqlSnapInsertConfig, r.req.DestTable, args.Dblink, args.SrcTable,
 			nullIfEmpty(args.Filter), nullString(args.Condition), nullIfEmpty(args.PostScript), args.indexes(),
-			statIns(stats), statUpd(stats), statDel(stats), lastRun(args.pull(), r)); err != nil {
+			statIns(stats), statUpd(stats), statDel(stats), lastRun(args.pull(), r), st.Filenode,
+			copiedWith(args.Filter, args.Condition)); err != nil {
 			return fmt.Errorf("snapshot_maker %s: record config: %w", r.dest, err)
 		}
 		return r.complete(ctx, tx, rows, fmt.Sprintf("created %s over %s and %s; copied %d rows", r.dest, snap1.Table, snap2.Table, rows))
@@ -134,6 +156,10 @@ func (a *Agent) makeSnap(ctx context.Context, r *run) error {
 // that finds the source's write counters unchanged since the last run, and
 // its columns the same, skips the copy.
 func (a *Agent) refreshSnap(ctx context.Context, r *run) error {
+	var args makerArgs // only pulldata applies
+	if err := r.args(&args); err != nil {
+		return err
+	}
 	cfg, err := loadSnapConfig(ctx, r.dst, r.req.DestTable)
 	if err != nil {
 		return err
@@ -166,7 +192,13 @@ func (a *Agent) refreshSnap(ctx context.Context, r *run) error {
 			return fmt.Errorf("refresh %s: %w", r.dest, err)
 		}
 		changed := !sameColumns(st.Columns, current)
-		if !changed && cfg.Stats != nil && st.Stats != nil && *cfg.Stats == *st.Stats {
+		with := copiedWith(cfg.Filter, condition)
+		if !args.pull() && !changed {
+			msg := "skipped copy: p_pulldata is false"
+			r.note(ctx, "Check arguments", msg, false)
+			return r.complete(ctx, tx, 0, msg)
+		}
+		if cfg.unchanged(st, !changed, with) {
 			msg := "skipped copy: no inserts, updates or deletes on the source since the last run (statistics unchanged)"
 			r.note(ctx, "Check source statistics", msg, false)
 			if _, err := tx.Exec(ctx, sqlSnapTouch, r.req.DestTable, r.started); err != nil {
@@ -199,13 +231,15 @@ func (a *Agent) refreshSnap(ctx context.Context, r *run) error {
 			if _, err := tx.Exec(ctx, "CREATE TABLE "+active.Sanitize()+" ("+columnDefs(st.Columns)+")"); err != nil {
 				return fmt.Errorf("refresh %s: create %s: %w", r.dest, active, err)
 			}
+			r.dirty = len(cfg.PostScript) > 0 // a SET in it would outlive the transaction
 			if err := r.step(ctx, "Run post_script", func() (string, error) {
 				return fmt.Sprintf("ran %d statements", len(cfg.PostScript)), execAll(ctx, tx, "post_script", cfg.PostScript)
 			}); err != nil {
 				return fmt.Errorf("refresh %s: %w", r.dest, err)
 			}
 		}
-		if _, err := tx.Exec(ctx, sqlSnapUpdateConfig, r.req.DestTable, statIns(st.Stats), statUpd(st.Stats), statDel(st.Stats), r.started); err != nil {
+		if _, err := tx.Exec(ctx, sqlSnapUpdateConfig, r.req.DestTable, statIns(st.Stats), statUpd(st.Stats), statDel(st.Stats),
+			r.started, st.Filenode, with); err != nil {
 			return fmt.Errorf("refresh %s: record run: %w", r.dest, err)
 		}
 		return r.complete(ctx, tx, rows, fmt.Sprintf("copied %d rows into %s", rows, idle.Table))
@@ -229,8 +263,11 @@ func (a *Agent) destroySnap(ctx context.Context, r *run) error {
 		if err != nil && !errors.Is(err, errViewMissing) {
 			return fmt.Errorf("snapshot_destroyer %s: %w", r.dest, err)
 		}
+		if args.Archive && err != nil {
+			return fmt.Errorf("snapshot_destroyer %s: cannot archive: %w", r.dest, err)
+		}
 		msg := "dropped " + r.dest.String() + " and its snap tables"
-		if args.Archive && err == nil {
+		if args.Archive {
 			grants, err := grantsOf(ctx, tx, r.dest, r.dest)
 			if err != nil {
 				return err
@@ -321,7 +358,7 @@ func loadSnapConfig(ctx context.Context, q queue.DB, dest string) (*snapConfig, 
 	var c snapConfig
 	var ins, upd, del *int64
 	err := q.QueryRow(ctx, sqlSnapConfig, dest).Scan(&c.Source, &c.Dblink, &c.Filter, &c.Condition,
-		&ins, &upd, &del, &c.PostScript, &c.Indexes)
+		&ins, &upd, &del, &c.Filenode, &c.CopiedWith, &c.PostScript, &c.Indexes)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return nil, fmt.Errorf("%s: %w as snap", dest, ErrNotConfigured)
 	}

@@ -67,6 +67,23 @@ func TestSnapMakerRefreshDestroyer(t *testing.T) {
 	require.Contains(t, strings.Join(e.jobSteps(*o.JobID), "\n"), "skipped copy")
 	require.Equal(t, "items_snap2", e.viewReads("public.items"))
 
+	// TRUNCATE leaves the write counters alone, but not the file node.
+	e.exec(e.app, `TRUNCATE items`)
+	o = e.done(`SELECT mimeo.refresh_snap('public.items')`)
+	require.NotContains(t, *o.Message, "skipped")
+	e.requireSame("public.items", "public.items")
+	require.Zero(t, e.count("public.items"))
+	e.exec(e.app, `INSERT INTO items (id) VALUES (1), (2), (3)`)
+	e.writeAndWaitStats("public.items", `INSERT INTO items (id) VALUES (4)`)
+	e.done(`SELECT mimeo.refresh_snap('public.items')`)
+	// A changed condition is a change too.
+	e.exec(e.dst, `UPDATE mimeo.refresh_config_snap SET condition = 'id > 2'`)
+	o = e.done(`SELECT mimeo.refresh_snap('public.items')`)
+	require.EqualValues(t, 2, *o.Rows)
+	e.exec(e.dst, `UPDATE mimeo.refresh_config_snap SET condition = NULL`)
+	e.done(`SELECT mimeo.refresh_snap('public.items')`)
+	e.requireSame("public.items", "public.items")
+
 	// The SQL wait returns the outcome of a finished request.
 	var status string
 	require.NoError(t, e.dst.QueryRow(e.ctx, `SELECT status FROM mimeo.wait($1)`, e.request(`SELECT mimeo.refresh_snap('public.items')`)).Scan(&status))
@@ -74,7 +91,7 @@ func TestSnapMakerRefreshDestroyer(t *testing.T) {
 
 	var jobs int
 	require.NoError(t, e.dst.QueryRow(e.ctx, `SELECT count(*) FROM mimeo.job_log WHERE dest_table = 'public.items' AND status = 'OK'`).Scan(&jobs))
-	require.Equal(t, 4, jobs)
+	require.Equal(t, 8, jobs)
 
 	e.done(`SELECT mimeo.snapshot_destroyer('public.items')`)
 	var left int

@@ -65,7 +65,9 @@ func (s *sources) pool(id int, key, dataSource, user, pwd string) (*sourcePool, 
 		if sp.key == key {
 			return sp, nil
 		}
-		sp.pool.Close()
+		// The mapping changed (a new password, say). Close the old pool
+		// once its running copies are done, without holding s.mu meanwhile.
+		go sp.pool.Close()
 		delete(s.pools, id)
 	}
 	cfg, err := pgxpool.ParseConfig(dataSource)

@@ -4,6 +4,8 @@ import (
 	"context"
 	"fmt"
 	"time"
+
+	"github.com/jackc/pgx/v5"
 )
 
 // An agent is dead when its liveness lock (mimeo.agent_lock_key(), id) is
@@ -27,6 +29,13 @@ orphans AS (
     WHERE r.status = 'running'
       AND (r.agent_id IS NULL OR r.agent_id IN (SELECT id FROM dead)
            OR NOT EXISTS (SELECT 1 FROM mimeo.agent a WHERE a.id = r.agent_id))
+      -- A run whose table lock is still held is alive, whatever its
+      -- agent's liveness lock says (that one may be between reconnects).
+      AND NOT EXISTS (
+        SELECT 1 FROM pg_catalog.pg_locks l
+        WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+          AND l.database = (SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database())
+          AND ((l.classid::bigint << 32) | l.objid::bigint) = hashtextextended('mimeo.table:' || r.dest_table, 0))
     FOR UPDATE OF r SKIP LOCKED
 )
 UPDATE mimeo.request r
@@ -93,4 +102,29 @@ func Recover(ctx context.Context, db DB, staleAfter time.Duration, maxAttempts i
 		return out, fmt.Errorf("forget dead agents: %w", err)
 	}
 	return out, nil
+}
+
+// Requests this agent holds as running but is not running (a claim whose
+// reply was lost, a finish that could not be written) go back to the
+// queue; the grace period spares requests being claimed at this moment.
+const sqlRequeueLost = `
+UPDATE mimeo.request
+SET status = 'queued', agent_id = NULL, started_at = NULL,
+    message = 'requeued: its agent had lost track of it'
+WHERE agent_id = $1 AND status = 'running' AND id <> ALL(coalesce($2::bigint[], '{}'))
+  AND started_at < clock_timestamp() - interval '30 seconds'
+RETURNING id`
+
+// RequeueLost hands back to the queue the requests agentID holds as running
+// apart from those in running, its real work.
+func RequeueLost(ctx context.Context, db DB, agentID int64, running []int64) ([]int64, error) {
+	rows, err := db.Query(ctx, sqlRequeueLost, agentID, running)
+	if err != nil {
+		return nil, fmt.Errorf("requeue lost requests: %w", err)
+	}
+	ids, err := pgx.CollectRows(rows, pgx.RowTo[int64])
+	if err != nil {
+		return nil, fmt.Errorf("requeue lost requests: %w", err)
+	}
+	return ids, nil
 }

@@ -39,7 +39,7 @@ var scriptName = regexp.MustCompile(`^mimeo--([0-9.]+)(?:--([0-9.]+))?\.sql$`)
 func steps(from, target string) ([]step, error) {
 	entries, err := fs.ReadDir(files, ".")
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("list embedded scripts: %w", err)
 	}
 	var bases, upgrades []step
 	for _, e := range entries {
@@ -92,7 +92,7 @@ func steps(from, target string) ([]step, error) {
 func script(name string) (string, error) {
 	b, err := files.ReadFile(name)
 	if err != nil {
-		return "", err
+		return "", fmt.Errorf("read embedded %s: %w", name, err)
 	}
 	var out strings.Builder
 	for _, line := range strings.SplitAfter(string(b), "\n") {

@@ -124,7 +124,7 @@ CREATE FUNCTION mimeo.inserter_maker(
     p_condition text DEFAULT NULL,
     p_debug boolean DEFAULT false
 ) RETURNS bigint
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_src text := mimeo.qualified_name(p_src_table, 'p_src_table');
     v_dest text := mimeo.qualified_name(coalesce(p_dest_table, p_src_table), 'p_dest_table');
@@ -155,7 +155,7 @@ CREATE FUNCTION mimeo.updater_maker(
     p_condition text DEFAULT NULL,
     p_debug boolean DEFAULT false
 ) RETURNS bigint
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_src text := mimeo.qualified_name(p_src_table, 'p_src_table');
     v_dest text := mimeo.qualified_name(coalesce(p_dest_table, p_src_table), 'p_dest_table');
@@ -182,7 +182,7 @@ CREATE FUNCTION mimeo.refresh_inserter(
     p_repull_end text DEFAULT NULL,
     p_debug boolean DEFAULT false
 ) RETURNS bigint
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_dest text := mimeo.qualified_name(p_destination, 'p_destination');
 BEGIN
@@ -201,7 +201,7 @@ CREATE FUNCTION mimeo.refresh_updater(
     p_repull_end text DEFAULT NULL,
     p_debug boolean DEFAULT false
 ) RETURNS bigint
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_dest text := mimeo.qualified_name(p_destination, 'p_destination');
 BEGIN
@@ -213,24 +213,24 @@ END
 $$;
 
 CREATE FUNCTION mimeo.inserter_destroyer(p_dest_table text, p_archive_option text DEFAULT NULL) RETURNS bigint
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_dest text := mimeo.qualified_name(p_dest_table, 'p_dest_table');
 BEGIN
     PERFORM mimeo.check_config(v_dest, 'inserter');
     RETURN mimeo.enqueue('inserter_destroyer', v_dest, jsonb_build_object(
-        'archive', upper(coalesce(p_archive_option, '')) = 'ARCHIVE'));
+        'archive', mimeo.archive_option(p_archive_option)));
 END
 $$;
 
 CREATE FUNCTION mimeo.updater_destroyer(p_dest_table text, p_archive_option text DEFAULT NULL) RETURNS bigint
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_dest text := mimeo.qualified_name(p_dest_table, 'p_dest_table');
 BEGIN
     PERFORM mimeo.check_config(v_dest, 'updater');
     RETURN mimeo.enqueue('updater_destroyer', v_dest, jsonb_build_object(
-        'archive', upper(coalesce(p_archive_option, '')) = 'ARCHIVE'));
+        'archive', mimeo.archive_option(p_archive_option)));
 END
 $$;
 
@@ -299,7 +299,7 @@ $$;
 -- run_refresh learns the incremental types.
 CREATE OR REPLACE FUNCTION mimeo.run_refresh(p_type text, p_batch int DEFAULT 4, p_debug boolean DEFAULT false)
 RETURNS SETOF bigint
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_dest text;
 BEGIN
@@ -316,6 +316,10 @@ BEGIN
           AND (c.last_run IS NULL OR c.last_run + c.period <= now())
           AND NOT EXISTS (SELECT 1 FROM mimeo.request r
                           WHERE r.dest_table = c.dest_table AND r.status IN ('queued', 'running'))
+          -- A table whose last attempt failed waits a period before the next.
+          AND NOT EXISTS (SELECT 1 FROM mimeo.request r
+                          WHERE r.dest_table = c.dest_table AND r.status = 'failed'
+                            AND r.finished_at > now() - c.period)
         ORDER BY c.last_run NULLS FIRST, c.dest_table
         LIMIT greatest(coalesce(p_batch, 4), 0)
     LOOP
@@ -355,6 +359,12 @@ LEFT JOIN LATERAL (
     SELECT r.status FROM mimeo.request r
     WHERE r.dest_table = c.dest_table AND r.status IN ('queued', 'running')
     ORDER BY r.id DESC LIMIT 1) pending ON true;
+
+-- Nothing here is for everyone: the owner grants USAGE on the schema and
+-- EXECUTE on the functions an operator role may call. The request-making
+-- functions run as the owner (SECURITY DEFINER), so such a role needs no
+-- rights on the tables, and cannot queue anything they would refuse.
+REVOKE ALL ON ALL ROUTINES IN SCHEMA mimeo FROM PUBLIC;
 
 SELECT pg_catalog.pg_extension_config_dump('mimeo.refresh_config_inserter', '');
 SELECT pg_catalog.pg_extension_config_dump('mimeo.refresh_config_updater', '');

@@ -39,6 +39,8 @@ CREATE TABLE mimeo.refresh_config_snap (
     n_tup_ins bigint,
     n_tup_upd bigint,
     n_tup_del bigint,
+    source_filenode bigint,
+    copied_with text,
     post_script text[],
     CONSTRAINT refresh_config_snap_pkey PRIMARY KEY (dest_table),
     CONSTRAINT refresh_config_snap_dblink_fkey FOREIGN KEY (dblink)
@@ -83,7 +85,7 @@ CREATE TABLE mimeo.request (
     args jsonb NOT NULL DEFAULT '{}',
     status text NOT NULL DEFAULT 'queued'
         CHECK (status IN ('queued', 'running', 'done', 'failed', 'skipped')),
-    requested_by text NOT NULL DEFAULT current_user,
+    requested_by text NOT NULL DEFAULT session_user,
     requested_at timestamptz NOT NULL DEFAULT clock_timestamp(),
     requested_xact xid8 DEFAULT pg_current_xact_id(),
     started_at timestamptz,
@@ -230,6 +232,22 @@ BEGIN
 END
 $$;
 
+-- Reads a destroyer's p_archive_option: true for 'ARCHIVE', false for NULL;
+-- anything else is refused rather than taken to mean "drop".
+CREATE FUNCTION mimeo.archive_option(p_archive_option text) RETURNS boolean
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    IF p_archive_option IS NULL THEN
+        RETURN false;
+    END IF;
+    IF upper(btrim(p_archive_option)) = 'ARCHIVE' THEN
+        RETURN true;
+    END IF;
+    RAISE EXCEPTION 'mimeo: p_archive_option must be ''ARCHIVE'' (keep the data) or NULL (drop it), got %', quote_literal(p_archive_option)
+        USING ERRCODE = 'invalid_parameter_value';
+END
+$$;
+
 ------------------------------------------------------------------------------
 -- The request path.
 ------------------------------------------------------------------------------
@@ -252,7 +270,7 @@ $$;
 -- Blocks until the request has ended and returns it; raises its error when
 -- it failed, and a timeout that says whether any agent is alive.
 CREATE FUNCTION mimeo.wait(p_request_id bigint, p_timeout interval DEFAULT '1 hour') RETURNS mimeo.request
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     r mimeo.request;
     v_deadline timestamptz := clock_timestamp() + coalesce(p_timeout, '1 hour');
@@ -282,13 +300,11 @@ BEGIN
                     coalesce(p_timeout, '1 hour'), p_request_id, r.status,
                     CASE WHEN v_seen IS NULL THEN 'no agent has ever registered'
                          ELSE 'last heartbeat at ' || v_seen::text END
-                    USING ERRCODE = 'query_canceled',
-                          HINT = 'Start one: MIMEO_DATABASE_URL=... mimeo-agent run';
+                    USING HINT = 'Start one: MIMEO_DATABASE_URL=... mimeo-agent run';
             END IF;
             RAISE EXCEPTION 'mimeo: timed out after % waiting for request % (still %); an agent is alive (last heartbeat at %)',
                 coalesce(p_timeout, '1 hour'), p_request_id, r.status, v_seen
-                USING ERRCODE = 'query_canceled',
-                      HINT = 'The agent may be busy: SELECT * FROM mimeo.request WHERE status IN (''queued'', ''running'').';
+                USING HINT = 'The agent may be busy: SELECT * FROM mimeo.request WHERE status IN (''queued'', ''running'').';
         END IF;
         PERFORM pg_sleep(least(v_sleep, greatest(extract(epoch FROM v_deadline - clock_timestamp()), 0.001)));
         v_sleep := least(v_sleep * 2, 0.25);
@@ -331,7 +347,7 @@ CREATE FUNCTION mimeo.snapshot_maker(
     p_post_script text[] DEFAULT NULL,
     p_debug boolean DEFAULT false
 ) RETURNS bigint
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_src text := mimeo.qualified_name(p_src_table, 'p_src_table');
     v_dest text := mimeo.qualified_name(coalesce(p_dest_table, p_src_table), 'p_dest_table');
@@ -349,7 +365,7 @@ CREATE FUNCTION mimeo.refresh_snap(
     p_debug boolean DEFAULT false,
     p_pulldata boolean DEFAULT true
 ) RETURNS bigint
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_dest text := mimeo.qualified_name(p_destination, 'p_destination');
 BEGIN
@@ -359,13 +375,13 @@ END
 $$;
 
 CREATE FUNCTION mimeo.snapshot_destroyer(p_dest_table text, p_archive_option text DEFAULT NULL) RETURNS bigint
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_dest text := mimeo.qualified_name(p_dest_table, 'p_dest_table');
 BEGIN
     PERFORM mimeo.check_config(v_dest, 'snap');
     RETURN mimeo.enqueue('snapshot_destroyer', v_dest, jsonb_build_object(
-        'archive', upper(coalesce(p_archive_option, '')) = 'ARCHIVE'));
+        'archive', mimeo.archive_option(p_archive_option)));
 END
 $$;
 
@@ -384,7 +400,7 @@ CREATE FUNCTION mimeo.table_maker(
     p_sequences text[] DEFAULT NULL,
     p_debug boolean DEFAULT false
 ) RETURNS bigint
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_src text := mimeo.qualified_name(p_src_table, 'p_src_table');
     v_dest text := mimeo.qualified_name(coalesce(p_dest_table, p_src_table), 'p_dest_table');
@@ -402,7 +418,7 @@ CREATE FUNCTION mimeo.refresh_table(
     p_truncate_cascade boolean DEFAULT false,
     p_debug boolean DEFAULT false
 ) RETURNS bigint
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_dest text := mimeo.qualified_name(p_destination, 'p_destination');
 BEGIN
@@ -413,13 +429,13 @@ END
 $$;
 
 CREATE FUNCTION mimeo.table_destroyer(p_dest_table text, p_archive_option text DEFAULT NULL) RETURNS bigint
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_dest text := mimeo.qualified_name(p_dest_table, 'p_dest_table');
 BEGIN
     PERFORM mimeo.check_config(v_dest, 'table');
     RETURN mimeo.enqueue('table_destroyer', v_dest, jsonb_build_object(
-        'archive', upper(coalesce(p_archive_option, '')) = 'ARCHIVE'));
+        'archive', mimeo.archive_option(p_archive_option)));
 END
 $$;
 
@@ -492,7 +508,7 @@ $$;
 -- (last_run + period <= now()) and have no request pending; returns their ids.
 CREATE FUNCTION mimeo.run_refresh(p_type text, p_batch int DEFAULT 4, p_debug boolean DEFAULT false)
 RETURNS SETOF bigint
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_dest text;
 BEGIN
@@ -509,6 +525,10 @@ BEGIN
           AND (c.last_run IS NULL OR c.last_run + c.period <= now())
           AND NOT EXISTS (SELECT 1 FROM mimeo.request r
                           WHERE r.dest_table = c.dest_table AND r.status IN ('queued', 'running'))
+          -- A table whose last attempt failed waits a period before the next.
+          AND NOT EXISTS (SELECT 1 FROM mimeo.request r
+                          WHERE r.dest_table = c.dest_table AND r.status = 'failed'
+                            AND r.finished_at > now() - c.period)
         ORDER BY c.last_run NULLS FIRST, c.dest_table
         LIMIT greatest(coalesce(p_batch, 4), 0)
     LOOP
@@ -544,6 +564,12 @@ LEFT JOIN LATERAL (
     SELECT r.status FROM mimeo.request r
     WHERE r.dest_table = c.dest_table AND r.status IN ('queued', 'running')
     ORDER BY r.id DESC LIMIT 1) pending ON true;
+
+-- Nothing here is for everyone: the owner grants USAGE on the schema and
+-- EXECUTE on the functions an operator role may call. The request-making
+-- functions run as the owner (SECURITY DEFINER), so such a role needs no
+-- rights on the tables, and cannot queue anything they would refuse.
+REVOKE ALL ON ALL ROUTINES IN SCHEMA mimeo FROM PUBLIC;
 
 -- Kept by pg_dump when installed as an extension (the agent skips these lines).
 SELECT pg_catalog.pg_extension_config_dump('mimeo.dblink_mapping', '');
