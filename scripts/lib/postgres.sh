@@ -198,7 +198,12 @@ start_cluster() {
 	pg_valid_name "$name"
 	[[ -n ${PG_BINDIR:-} ]] || ensure_postgres
 	local root owner data logfile conf port attempt line
+	# Registered first, so that stop_all_clusters (in an EXIT trap) removes
+	# whatever exists of it, however early this is interrupted.
+	MIMEO_PG_CLUSTERS+=("$name")
+	printf -v "${name}_DIR" '%s' ""
 	root=$(mktemp -d "${TMPDIR:-/tmp}/mimeo-$name.XXXXXX")
+	printf -v "${name}_DIR" '%s' "$root"
 	# sun_path holds 107 bytes: <root>/.s.PGSQL.<port> must fit.
 	if ((${#root} + 17 > 107)); then
 		rm -rf "$root"
@@ -210,16 +215,13 @@ start_cluster() {
 	fi
 	data=$root/data
 	logfile=$root/postgres.log
-	# Registered before anything can fail, so stop_all_clusters cleans up.
-	MIMEO_PG_CLUSTERS+=("$name")
-	printf -v "${name}_DIR" '%s' "$root"
 	printf -v "${name}_DATA" '%s' "$data"
 	printf -v "${name}_LOG" '%s' "$logfile"
 	printf -v "${name}_HOST" '%s' "$root"
 	printf -v "${name}_PORT" '%s' ""
 
-	if ! pg_as_owner "$PG_BINDIR/initdb" -D "$data" -U postgres -E UTF8 --locale=C \
-		--auth-local=trust --auth-host=scram-sha-256 --no-sync >"$root/initdb.log" 2>&1; then
+	if ! (pg_as_owner "$PG_BINDIR/initdb" -D "$data" -U postgres -E UTF8 --locale=C \
+		--auth-local=trust --auth-host=scram-sha-256 --no-sync) >"$root/initdb.log" 2>&1; then
 		cat "$root/initdb.log" >&2
 		pg_die "initdb for cluster $name failed"
 	fi
@@ -243,7 +245,7 @@ start_cluster() {
 	for attempt in 1 2 3 4 5; do
 		port=$(pg_free_port)
 		printf 'port = %s\n' "$port" >>"$conf"
-		if pg_as_owner "$PG_BINDIR/pg_ctl" -D "$data" -l "$logfile" -w -t 60 start >"$root/pg_ctl.log" 2>&1; then
+		if (pg_as_owner "$PG_BINDIR/pg_ctl" -D "$data" -l "$logfile" -w -t 60 start) >"$root/pg_ctl.log" 2>&1; then
 			printf -v "${name}_PORT" '%s' "$port"
 			return 0
 		fi
@@ -265,7 +267,7 @@ stop_cluster() {
 	v=${name}_DATA
 	data=${!v:-}
 	if [[ -n $data && -f $data/postmaster.pid ]]; then
-		pg_as_owner "$PG_BINDIR/pg_ctl" -D "$data" -m fast -w -t 60 stop >/dev/null 2>&1 ||
+		(pg_as_owner "$PG_BINDIR/pg_ctl" -D "$data" -m fast -w -t 60 stop) >/dev/null 2>&1 ||
 			pg_log "warning: could not stop cluster $name cleanly (data: $data)"
 	fi
 	# Only ever remove a folder start_cluster made.
