@@ -24,7 +24,7 @@ import (
 )
 
 // Version is mimeo-agent's version; it installs schema version mimeosql.Version.
-const Version = "0.2.0"
+const Version = "0.3.0"
 
 // ErrSchemaMissing means the destination has no (or an outdated) mimeo schema.
 var ErrSchemaMissing = errors.New("mimeo schema is not installed at this binary's version")

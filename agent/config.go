@@ -44,6 +44,9 @@ type Config struct {
 	// clock itself (the DST pause); tests use it. Not read from the
 	// environment.
 	Clock func() time.Time
+	// FaultHook, when set, is called at named points of a run; an error it
+	// returns stops the run there, as a crash would. Tests use it.
+	FaultHook func(point string) error
 }
 
 // now is the configured clock.

@@ -128,15 +128,18 @@ func (e *env) config() agent.Config {
 	}
 }
 
-// startAgent runs an agent until the test ends.
-func (e *env) startAgent(cfg agent.Config) {
+// startAgent runs an agent until the test ends, or until stop is called.
+func (e *env) startAgent(cfg agent.Config) (stop func()) {
 	e.t.Helper()
 	a, err := agent.New(e.ctx, cfg, hclog.New(&hclog.LoggerOptions{Output: testWriter{e.t}, Level: hclog.Debug}))
 	require.NoError(e.t, err)
 	ctx, cancel := context.WithCancel(e.ctx)
 	var wg sync.WaitGroup
 	wg.Go(func() { _ = a.Run(ctx) })
-	e.t.Cleanup(func() { cancel(); wg.Wait(); a.Close() })
+	var once sync.Once
+	stop = func() { once.Do(func() { cancel(); wg.Wait(); a.Close() }) }
+	e.t.Cleanup(stop)
+	return stop
 }
 
 type testWriter struct{ t *testing.T }

@@ -7,7 +7,7 @@ import (
 
 // scheduledTypes are the replication types whose periodic refreshes the
 // agent enqueues (tables with a period in mimeo.refresh_config).
-var scheduledTypes = []string{"snap", "table", "inserter", "updater"}
+var scheduledTypes = []string{"snap", "table", "inserter", "updater", "dml", "logdel"}
 
 const sqlSchedule = `SELECT count(*) FROM unnest($1::text[]) t, LATERAL mimeo.run_refresh(t, $2) id`
 

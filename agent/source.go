@@ -86,7 +86,7 @@ func (s *sources) pool(id int, key, dataSource, user, pwd string) (*sourcePool, 
 	// nothing configured (a condition, say) can write to the source.
 	cfg.ConnConfig.RuntimeParams["default_transaction_read_only"] = "on"
 	cfg.MinConns = 0
-	cfg.MaxConns = int32(s.cfg.Workers + 1)
+	cfg.MaxConns = int32(2*s.cfg.Workers + 1) // a dml maker holds two (trigger DDL and the copy)
 	cfg.MaxConnIdleTime = s.cfg.SourceIdleTimeout
 	cfg.HealthCheckPeriod = min(s.cfg.SourceIdleTimeout, cfg.HealthCheckPeriod)
 	pool, err := pgxpool.NewWithConfig(context.Background(), cfg)

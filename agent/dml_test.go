@@ -1,0 +1,181 @@
+package agent_test
+
+import (
+	"fmt"
+	"testing"
+
+	"github.com/stretchr/testify/require"
+)
+
+// prepareTriggers gives the replication role what dml/logdel need on the
+// source: its own mimeo schema and TRIGGER on the table.
+func (e *env) prepareTriggers(tables ...string) {
+	e.t.Helper()
+	e.exec(e.src, `CREATE SCHEMA IF NOT EXISTS mimeo AUTHORIZATION `+replRole)
+	for _, tbl := range tables {
+		e.exec(e.app, `GRANT SELECT, TRIGGER ON `+tbl+` TO `+replRole)
+	}
+}
+
+// sourceObjects lists what lives in the source's mimeo schema and the
+// triggers on the source's tables.
+func (e *env) sourceObjects() int {
+	e.t.Helper()
+	var n int
+	require.NoError(e.t, e.src.QueryRow(e.ctx, `
+SELECT (SELECT count(*) FROM pg_class WHERE relnamespace = 'mimeo'::regnamespace)
+     + (SELECT count(*) FROM pg_proc WHERE pronamespace = 'mimeo'::regnamespace)
+     + (SELECT count(*) FROM pg_trigger WHERE NOT tgisinternal)`).Scan(&n))
+	return n
+}
+
+func TestDMLReplaysInsertsUpdatesDeletes(t *testing.T) {
+	t.Parallel()
+	e := setup(t)
+	e.exec(e.app, `CREATE TABLE public."Order Lines" ("order" int, line int, qty numeric, note text, PRIMARY KEY ("order", line))`)
+	e.exec(e.app, `INSERT INTO public."Order Lines" SELECT g / 10, g % 10, g * 1.5, CASE WHEN g % 3 = 0 THEN NULL ELSE 'n' || g END FROM generate_series(1, 500) g`)
+	e.prepareTriggers(`public."Order Lines"`)
+	e.startAgent(e.config())
+	tbl := `public."Order Lines"`
+	o := e.done(`SELECT mimeo.dml_maker($1, $2)`, tbl, e.dblink)
+	require.EqualValues(t, 500, *o.Rows)
+	e.requireSame(tbl, tbl)
+
+	// Writes by the application role, which has no rights on the queue.
+	for _, q := range []string{
+		`INSERT INTO public."Order Lines" VALUES (900, 1, 1, E'new\ttab'), (900, 2, NULL, NULL)`,
+		`UPDATE public."Order Lines" SET qty = qty * 2 WHERE line = 3`,
+		`DELETE FROM public."Order Lines" WHERE "order" = 7`,
+		`UPDATE public."Order Lines" SET "order" = 1000 WHERE "order" = 8`, // key change: old and new keys queued
+		`INSERT INTO public."Order Lines" VALUES (901, 1, 1, 'gone') `,
+		`DELETE FROM public."Order Lines" WHERE "order" = 901`,
+	} {
+		e.exec(e.app, q)
+	}
+	o = e.done(`SELECT mimeo.refresh_dml($1, p_limit => 7)`, tbl)
+	require.Contains(t, *o.Message, "batches")
+	e.requireSame(tbl, tbl)
+	var queued int
+	require.NoError(t, e.src.QueryRow(e.ctx, `SELECT count(*) FROM pg_class c WHERE c.relnamespace = 'mimeo'::regnamespace AND c.relkind = 'r'`).Scan(&queued))
+	require.Equal(t, 1, queued)
+
+	e.done(`SELECT mimeo.dml_destroyer($1)`, tbl)
+	require.Zero(t, e.sourceObjects(), "destroyer leaves no queue, function or trigger")
+	var exists bool
+	require.NoError(t, e.dst.QueryRow(e.ctx, `SELECT to_regclass($1) IS NOT NULL`, tbl).Scan(&exists))
+	require.False(t, exists)
+}
+
+func TestLogdelKeepsDeletedRows(t *testing.T) {
+	t.Parallel()
+	e := setup(t)
+	e.exec(e.app, `CREATE TABLE public.people (id int PRIMARY KEY, name text, born date)`)
+	e.exec(e.app, `INSERT INTO public.people SELECT g, 'p' || g, '2000-01-01'::date + g FROM generate_series(1, 100) g`)
+	e.prepareTriggers("public.people")
+	e.startAgent(e.config())
+	e.done(`SELECT mimeo.logdel_maker('public.people', $1)`, e.dblink)
+
+	e.exec(e.app, `UPDATE people SET name = 'renamed' WHERE id = 5`)
+	e.exec(e.app, `DELETE FROM people WHERE id BETWEEN 10 AND 19`)
+	e.exec(e.app, `DELETE FROM people WHERE id = 30`)
+	e.exec(e.app, `INSERT INTO people VALUES (30, 'back again', NULL)`) // deleted and re-inserted in one batch
+	e.done(`SELECT mimeo.refresh_logdel('public.people')`)
+
+	live := `(SELECT id, name, born FROM public.people WHERE mimeo_source_deleted IS NULL)`
+	require.Equal(t, checksum(t, e.ctx, e.src, "public.people"), checksum(t, e.ctx, e.dst, live))
+	var deleted int
+	var name string
+	require.NoError(t, e.dst.QueryRow(e.ctx, `SELECT count(*) FILTER (WHERE mimeo_source_deleted IS NOT NULL), max(name) FILTER (WHERE id = 12) FROM public.people`).Scan(&deleted, &name))
+	require.Equal(t, 10, deleted, "deleted rows stay, marked")
+	require.Equal(t, "p12", name, "with their last values")
+
+	// A deleted key inserted again later comes back live.
+	e.exec(e.app, `INSERT INTO people VALUES (12, 'reborn', NULL)`)
+	e.done(`SELECT mimeo.refresh_logdel('public.people')`)
+	require.Equal(t, checksum(t, e.ctx, e.src, "public.people"), checksum(t, e.ctx, e.dst, live))
+
+	// Repull reloads live rows and keeps the deletion history.
+	e.exec(e.dst, `UPDATE public.people SET name = 'drift' WHERE id = 1`)
+	e.done(`SELECT mimeo.refresh_logdel('public.people', p_repull => true)`)
+	require.Equal(t, checksum(t, e.ctx, e.src, "public.people"), checksum(t, e.ctx, e.dst, live))
+	require.NoError(t, e.dst.QueryRow(e.ctx, `SELECT count(*) FROM public.people WHERE mimeo_source_deleted IS NOT NULL`).Scan(&deleted))
+	require.Equal(t, 9, deleted)
+}
+
+// A crash between the destination's commit and the source queue's cleanup
+// leaves the entries claimed; the next run applies them again, harmlessly.
+func TestDMLCrashBeforeQueueCleanup(t *testing.T) {
+	t.Parallel()
+	e := setup(t)
+	e.exec(e.app, `CREATE TABLE public.t (id int PRIMARY KEY, v int)`)
+	e.exec(e.app, `INSERT INTO public.t SELECT g, g FROM generate_series(1, 50) g`)
+	e.prepareTriggers("public.t")
+	crashing := e.config()
+	crashing.FaultHook = func(point string) error { return fmt.Errorf("injected crash %s", point) }
+	stopCrashing := e.startAgent(crashing)
+	e.done(`SELECT mimeo.dml_maker('public.t', $1)`, e.dblink)
+	e.exec(e.app, `UPDATE t SET v = -v WHERE id <= 20`)
+	e.exec(e.app, `DELETE FROM t WHERE id > 45`)
+	require.Contains(t, e.failed(`SELECT mimeo.refresh_dml('public.t')`), "injected crash")
+	e.requireSame("public.t", "public.t") // the destination did commit
+	var claimed int
+	require.NoError(t, e.src.QueryRow(e.ctx, `SELECT count(*) FROM mimeo.`+queueName(t, e)+` WHERE mimeo_claimed`).Scan(&claimed))
+	require.Positive(t, claimed, "entries stay claimed on the source")
+
+	e.exec(e.app, `UPDATE t SET v = 0 WHERE id = 1`)
+	stopCrashing()
+	e.startAgent(e.config())
+	e.done(`SELECT mimeo.refresh_dml('public.t')`)
+	e.requireSame("public.t", "public.t")
+	require.NoError(t, e.src.QueryRow(e.ctx, `SELECT count(*) FROM mimeo.`+queueName(t, e)).Scan(&claimed))
+	require.Zero(t, claimed, "queue drained")
+}
+
+func queueName(t *testing.T, e *env) string {
+	var q string
+	require.NoError(t, e.dst.QueryRow(e.ctx, `SELECT (parse_ident(queue_table))[2] FROM mimeo.refresh_config_dml`).Scan(&q))
+	return pgxIdent(q)
+}
+
+// Two destinations replicate one source table, each through its own queue;
+// destroying one leaves the other working.
+func TestTwoDestinationsOneSourceTable(t *testing.T) {
+	t.Parallel()
+	e := setup(t)
+	e.exec(e.app, `CREATE TABLE public.t (id int PRIMARY KEY, v int)`)
+	e.exec(e.app, `INSERT INTO public.t SELECT g, g FROM generate_series(1, 30) g`)
+	e.prepareTriggers("public.t")
+	e.startAgent(e.config())
+	e.done(`SELECT mimeo.dml_maker('public.t', $1, 'public.t_a')`, e.dblink)
+	e.done(`SELECT mimeo.logdel_maker('public.t', $1, 'public.t_b')`, e.dblink)
+	e.exec(e.app, `UPDATE t SET v = 7 WHERE id < 5`)
+	e.done(`SELECT mimeo.refresh_dml('public.t_a')`)
+	e.done(`SELECT mimeo.dml_destroyer('public.t_a')`)
+	e.exec(e.app, `DELETE FROM t WHERE id = 29`)
+	e.done(`SELECT mimeo.refresh_logdel('public.t_b')`)
+	require.Equal(t, checksum(t, e.ctx, e.src, "public.t"),
+		checksum(t, e.ctx, e.dst, "(SELECT id, v FROM public.t_b WHERE mimeo_source_deleted IS NULL)"))
+	e.done(`SELECT mimeo.logdel_destroyer('public.t_b')`)
+	require.Zero(t, e.sourceObjects())
+}
+
+func TestDMLMakerBadInput(t *testing.T) {
+	t.Parallel()
+	e := setup(t)
+	e.exec(e.app, `CREATE TABLE public.t (id int PRIMARY KEY, v int)`)
+	e.exec(e.app, `CREATE TABLE public.nokey (v int)`)
+	e.exec(e.app, `GRANT SELECT ON public.t, public.nokey TO `+replRole)
+	e.startAgent(e.config())
+
+	require.Contains(t, e.failed(`SELECT mimeo.dml_maker('public.t', $1)`, e.dblink), "CREATE SCHEMA mimeo AUTHORIZATION")
+	e.exec(e.src, `CREATE SCHEMA mimeo`) // owned by the superuser, not the replication role
+	require.Contains(t, e.failed(`SELECT mimeo.dml_maker('public.t', $1)`, e.dblink), "ALTER SCHEMA mimeo OWNER TO")
+	e.exec(e.src, `ALTER SCHEMA mimeo OWNER TO `+replRole)
+	require.Contains(t, e.failed(`SELECT mimeo.dml_maker('public.t', $1)`, e.dblink), "GRANT TRIGGER ON")
+	require.Contains(t, e.failed(`SELECT mimeo.logdel_maker('public.nokey', $1)`, e.dblink), "no primary key or unique index")
+	require.Contains(t, e.sqlError(`SELECT mimeo.dml_maker('public.t', $1, p_pk_type => ARRAY['int'])`, e.dblink), "must be given together")
+	require.Zero(t, e.sourceObjects(), "nothing half-created on the source")
+	var configs int
+	require.NoError(t, e.dst.QueryRow(e.ctx, `SELECT count(*) FROM mimeo.refresh_config`).Scan(&configs))
+	require.Zero(t, configs)
+}

@@ -1,0 +1,139 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"strings"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/mimeo-dev/mimeo/internal/ident"
+	"github.com/mimeo-dev/mimeo/queue"
+	"github.com/mimeo-dev/mimeo/triggers"
+)
+
+// dml and logdel replay changes queued on the source by triggers (see
+// package triggers). A batch is claimed on the source, the destination
+// deletes the claimed keys and inserts the source's current rows in one
+// transaction, and only then are the claimed entries removed from the
+// source queue. A crash in between leaves them claimed: the next run
+// applies them again from the source's current state, which is idempotent.
+
+// queueTypes are the trigger-queue types; their config tables are
+// mimeo.refresh_config_<type>.
+var queueTypes = []string{"dml", "logdel"}
+
+// deletedColumn marks, in a logdel destination, when a row was deleted on
+// the source (NULL for live rows).
+const deletedColumn = "mimeo_source_deleted"
+
+// queueConfig is a row of mimeo.refresh_config_dml or _logdel.
+type queueConfig struct {
+	Type       string
+	Source     string
+	Dblink     int
+	Filter     []string
+	Condition  string
+	BatchLimit int
+	PkField    []string
+	Names      triggers.Names
+}
+
+func queueConfigTable(typ string) string {
+	if !slices.Contains(queueTypes, typ) {
+		panic("agent: not a trigger-queue type: " + typ)
+	}
+	return "mimeo.refresh_config_" + typ
+}
+
+func loadQueueConfig(ctx context.Context, q queue.DB, typ, dest string) (*queueConfig, error) {
+	c := &queueConfig{Type: typ}
+	var queueTable, function string
+	var trig []string
+	err := q.QueryRow(ctx, `
+SELECT source_table, dblink, filter, coalesce(condition, ''), batch_limit, pk_field, queue_table, trigger_function, triggers
+FROM `+queueConfigTable(typ)+` WHERE dest_table = $1`, dest).Scan(
+		&c.Source, &c.Dblink, &c.Filter, &c.Condition, &c.BatchLimit, &c.PkField, &queueTable, &function, &trig)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return nil, fmt.Errorf("%s: %w as %s", dest, ErrNotConfigured, typ)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("read config of %s: %w", dest, err)
+	}
+	if c.Names.Queue, err = ident.Parse(queueTable); err != nil {
+		return nil, fmt.Errorf("config of %s: queue_table: %w", dest, err)
+	}
+	if c.Names.Function, err = ident.Parse(function); err != nil {
+		return nil, fmt.Errorf("config of %s: trigger_function: %w", dest, err)
+	}
+	if len(trig) != 3 {
+		return nil, fmt.Errorf("config of %s: triggers must name 3 triggers, has %d", dest, len(trig))
+	}
+	c.Names.Insert, c.Names.Update, c.Names.Delete = trig[0], trig[1], trig[2]
+	return c, nil
+}
+
+// beginWrite starts a read-write transaction on a source connection (the
+// pool's sessions are read-only by default).
+func beginWrite(ctx context.Context, src *pgxpool.Conn) (pgx.Tx, error) {
+	return src.BeginTx(ctx, pgx.TxOptions{AccessMode: pgx.ReadWrite})
+}
+
+// execSource runs statements in one read-write source transaction.
+func execSource(ctx context.Context, src *pgxpool.Conn, statements []string) error {
+	tx, err := beginWrite(ctx, src)
+	if err != nil {
+		return err
+	}
+	defer func() { _ = tx.Rollback(context.WithoutCancel(ctx)) }()
+	if err := execAll(ctx, tx, "source", statements); err != nil {
+		return err
+	}
+	return tx.Commit(ctx)
+}
+
+// keyMatch is "a.k1 = b.k1 AND ..." for the key columns.
+func keyMatch(keys []string, a, b string) string {
+	parts := make([]string, len(keys))
+	for i, k := range keys {
+		parts[i] = a + "." + ident.Quote(k) + " = " + b + "." + ident.Quote(k)
+	}
+	return strings.Join(parts, " AND ")
+}
+
+// quoteNames quotes and joins column names.
+func quoteNames(names []string) string {
+	out := make([]string, len(names))
+	for i, n := range names {
+		out[i] = ident.Quote(n)
+	}
+	return strings.Join(out, ", ")
+}
+
+// checkSourceSide tells the DBA what to do when the source is not ready
+// for triggers: the mimeo schema must exist and belong to the replication
+// role, which needs TRIGGER on the table.
+func checkSourceSide(ctx context.Context, src *pgxpool.Conn, table ident.Name) error {
+	var exists, owns, canTrigger bool
+	err := src.QueryRow(ctx, `
+SELECT n.oid IS NOT NULL,
+       coalesce(pg_has_role(n.nspowner, 'USAGE'), false),
+       has_table_privilege(to_regclass($2), 'TRIGGER')
+FROM (SELECT 1) one LEFT JOIN pg_catalog.pg_namespace n ON n.nspname = $1`, triggers.Schema, table.Sanitize()).Scan(&exists, &owns, &canTrigger)
+	if err != nil {
+		return fmt.Errorf("check the source for triggers: %w", err)
+	}
+	if !exists {
+		return errors.New("the source has no schema mimeo for the queue: on the source run CREATE SCHEMA mimeo AUTHORIZATION <replication role>")
+	}
+	if !owns {
+		return errors.New("the replication role does not own the source's schema mimeo: on the source run ALTER SCHEMA mimeo OWNER TO <replication role>")
+	}
+	if !canTrigger {
+		return fmt.Errorf("the replication role may not create triggers on %s: on the source run GRANT TRIGGER ON %s TO <replication role>", table, table)
+	}
+	return nil
+}
