@@ -20,7 +20,8 @@ type queueMakerArgs struct {
 
 // Fault points a test can stop a run at (Config.FaultHook).
 const (
-	faultAfterDestCommit = "after destination commit"
+	faultAfterDestCommit    = "after destination commit"
+	faultRepullBeforeCommit = "repull before destination commit"
 )
 
 // makeQueued sets up dml or logdel replication. The triggers and the
@@ -403,6 +404,9 @@ func (a *Agent) repullQueued(ctx context.Context, r *run, src *pgxpool.Conn, cfg
 		}
 		msg := fmt.Sprintf("re-pulled %d rows", rows)
 		r.note(ctx, "Repull", msg, false)
+		if err := a.fault(faultRepullBeforeCommit); err != nil {
+			return err
+		}
 		return r.complete(ctx, tx, rows, msg)
 	})
 	if err != nil {

@@ -2,7 +2,10 @@ package agent_test
 
 import (
 	"fmt"
+	"sync/atomic"
+	"syscall"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/require"
 )
@@ -178,4 +181,75 @@ func TestDMLMakerBadInput(t *testing.T) {
 	var configs int
 	require.NoError(t, e.dst.QueryRow(e.ctx, `SELECT count(*) FROM mimeo.refresh_config`).Scan(&configs))
 	require.Zero(t, configs)
+}
+
+// An agent killed at random points of a long replay: after each restart
+// the replay goes on, and in the end the destination equals the source.
+func TestDMLKilledDuringLongReplay(t *testing.T) {
+	t.Parallel()
+	e := setup(t)
+	e.exec(e.app, `CREATE TABLE public.big (id int PRIMARY KEY, v int, s text)`)
+	e.exec(e.app, `INSERT INTO public.big SELECT g, g, md5(g::text) FROM generate_series(1, 40000) g`)
+	e.prepareTriggers("public.big")
+	cmd := e.startAgentProcess()
+	e.done(`SELECT mimeo.dml_maker('public.big', $1)`, e.dblink)
+	// 200,000 queued changes: updates, deletes, inserts and key changes.
+	for i := range 4 {
+		e.exec(e.app, `UPDATE big SET v = v + 1, s = s || 'u' WHERE id % 4 <> $1`, i)
+		e.exec(e.app, `DELETE FROM big WHERE id % 97 = $1`, i)
+		e.exec(e.app, `INSERT INTO big SELECT 100000 * ($1 + 1) + g, g, 'new' FROM generate_series(1, 5000) g`, i)
+	}
+	e.exec(e.app, `UPDATE big SET id = -id WHERE id % 1000 = 0`)
+	var queued int
+	require.NoError(t, e.src.QueryRow(e.ctx, `SELECT count(*) FROM mimeo.`+queueName(t, e)).Scan(&queued))
+	require.Greater(t, queued, 140000)
+	e.exec(e.dst, `UPDATE mimeo.refresh_config_dml SET batch_limit = 5000`)
+
+	id := e.request(`SELECT mimeo.refresh_dml('public.big')`)
+	for kill := range 3 {
+		// Let it apply some batches, then kill it wherever it is.
+		time.Sleep(time.Duration(300+kill*250) * time.Millisecond)
+		require.NoError(t, cmd.Process.Signal(syscall.SIGKILL))
+		_ = cmd.Wait()
+		cmd = e.startAgentProcess()
+	}
+	o := e.await(id)
+	if o.Status != "done" { // used up its attempts while being killed: ask again
+		o = e.await(e.request(`SELECT mimeo.refresh_dml('public.big')`))
+	}
+	require.Equal(t, "done", o.Status, "error: %v", deref(o.Error))
+	e.requireSame("public.big", "public.big")
+	require.NoError(t, e.src.QueryRow(e.ctx, `SELECT count(*) FROM mimeo.`+queueName(t, e)).Scan(&queued))
+	require.Zero(t, queued)
+}
+
+// A repull that fails loses no queued change.
+func TestDMLRepullFailureKeepsTheQueue(t *testing.T) {
+	t.Parallel()
+	e := setup(t)
+	e.exec(e.app, `CREATE TABLE public.t (id int PRIMARY KEY, v int)`)
+	e.exec(e.app, `INSERT INTO public.t SELECT g, g FROM generate_series(1, 100) g`)
+	e.prepareTriggers("public.t")
+	cfg := e.config()
+	var failures atomic.Int32
+	cfg.FaultHook = func(point string) error {
+		if point == "repull before destination commit" && failures.Add(1) == 1 {
+			return fmt.Errorf("injected failure %s", point)
+		}
+		return nil
+	}
+	e.startAgent(cfg)
+	e.done(`SELECT mimeo.dml_maker('public.t', $1)`, e.dblink)
+	e.exec(e.app, `UPDATE t SET v = 0 WHERE id <= 10`)
+	require.Contains(t, e.failed(`SELECT mimeo.refresh_dml('public.t', p_repull => true)`), "injected failure")
+	var queued int
+	require.NoError(t, e.src.QueryRow(e.ctx, `SELECT count(*) FROM mimeo.`+queueName(t, e)).Scan(&queued))
+	require.Equal(t, 10, queued)
+	e.done(`SELECT mimeo.refresh_dml('public.t')`)
+	e.requireSame("public.t", "public.t")
+	e.exec(e.app, `DELETE FROM t WHERE id > 90`)
+	e.done(`SELECT mimeo.refresh_dml('public.t', p_repull => true)`) // the hook fails only once
+	e.requireSame("public.t", "public.t")
+	require.NoError(t, e.src.QueryRow(e.ctx, `SELECT count(*) FROM mimeo.`+queueName(t, e)).Scan(&queued))
+	require.Zero(t, queued, "a repull removes the queue entries its snapshot covers")
 }
