@@ -90,7 +90,11 @@ func cmdRefresh(ctx context.Context, args []string, stdout, stderr io.Writer) er
 	if err != nil {
 		return err
 	}
-	fmt.Fprintf(stdout, "%s: %s (%d rows in %s)\n", f.fs.Arg(0), out.Status, out.Rows, time.Since(start).Round(time.Millisecond))
+	fmt.Fprintf(stdout, "%s: %s (%d rows in %s)", f.fs.Arg(0), out.Status, out.Rows, time.Since(start).Round(time.Millisecond))
+	if out.Message != "" {
+		fmt.Fprintf(stdout, ": %s", out.Message)
+	}
+	fmt.Fprintln(stdout)
 	return nil
 }
 
