@@ -3,6 +3,7 @@ package agent
 import (
 	"context"
 	"fmt"
+	"strings"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
@@ -107,8 +108,8 @@ func (a *Agent) makeQueued(ctx context.Context, r *run, typ string) error {
 	if err := trig.Commit(ctx); err != nil {
 		return fail(fmt.Errorf("commit source objects: %w", err))
 	}
-	r.note(ctx, "Create source objects", fmt.Sprintf("queue %s, function %s, triggers %s, %s, %s",
-		names.Queue, names.Function, names.Insert, names.Update, names.Delete), false)
+	r.note(ctx, "Create source objects", fmt.Sprintf("queue %s, function %s, triggers %s",
+		names.Queue, names.Function, strings.Join(names.Triggers(), ", ")), false)
 
 	err = withTx(ctx, r.dst, func(tx pgx.Tx) error {
 		if err := checkNewDestination(ctx, tx, r.dest); err != nil {
@@ -133,7 +134,7 @@ func (a *Agent) makeQueued(ctx context.Context, r *run, typ string) error {
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)`,
 			r.req.DestTable, typ, args.Dblink, args.SrcTable, nullIfEmpty(args.Filter), nullString(args.Condition),
 			args.indexes(), lastRun(args.pull(), r), keys, keyTypes, names.Queue.String(), names.Function.String(),
-			[]string{names.Insert, names.Update, names.Delete}); err != nil {
+			names.Triggers()); err != nil {
 			return fmt.Errorf("record config: %w", err)
 		}
 		return r.complete(ctx, tx, rows, fmt.Sprintf("created %s and the source's queue %s; copied %d rows", r.dest, names.Queue, rows))
@@ -237,7 +238,7 @@ func (a *Agent) refreshQueued(ctx context.Context, r *run, typ string) error {
 // and returns how many are claimed.
 func claimBatch(ctx context.Context, src *pgxpool.Conn, cfg *queueConfig, limit int) (int64, error) {
 	q := cfg.Names.Queue.Sanitize()
-	claimed, id := ident.Quote(triggers.ColClaimed), ident.Quote(triggers.ColID)
+	claimed := ident.Quote(triggers.ColClaimed)
 	tx, err := beginWrite(ctx, src)
 	if err != nil {
 		return 0, err
@@ -248,8 +249,11 @@ func claimBatch(ctx context.Context, src *pgxpool.Conn, cfg *queueConfig, limit 
 		return 0, err
 	}
 	if n == 0 {
-		tag, err := tx.Exec(ctx, "UPDATE "+q+" SET "+claimed+" = true WHERE "+id+" IN (SELECT "+id+" FROM "+q+
-			" WHERE NOT "+claimed+" ORDER BY "+id+" LIMIT $1)", limit)
+		// The queue has no key of its own: entries are claimed by row
+		// address, in no particular order (replay order does not matter,
+		// the source's current rows are what gets applied).
+		tag, err := tx.Exec(ctx, "UPDATE "+q+" SET "+claimed+" = true WHERE ctid = ANY(ARRAY(SELECT ctid FROM "+q+
+			" WHERE NOT "+claimed+" LIMIT $1))", limit)
 		if err != nil {
 			return 0, err
 		}
@@ -318,7 +322,7 @@ func applyQueued(ctx context.Context, tx pgx.Tx, src *pgxpool.Conn, cfg *queueCo
 // inserted again is simply live.
 func applyLogdel(ctx context.Context, tx pgx.Tx, src *pgxpool.Conn, cfg *queueConfig, st *sourceTable, dest ident.Name, rows int64) (int64, error) {
 	q := cfg.Names.Queue.Sanitize()
-	claimed, id, deletedAt := ident.Quote(triggers.ColClaimed), ident.Quote(triggers.ColID), ident.Quote(triggers.ColDeletedAt)
+	claimed, deletedAt := ident.Quote(triggers.ColClaimed), ident.Quote(triggers.ColDeletedAt)
 	keys := quoteNames(cfg.PkField)
 	cols := columnList(st.Columns)
 	stageDel, stageRows := ident.Quote("mimeo_stage_deleted"), ident.Quote("mimeo_stage_rows")
@@ -328,7 +332,7 @@ func applyLogdel(ctx context.Context, tx pgx.Tx, src *pgxpool.Conn, cfg *queueCo
 	// The last deletion queued for each key.
 	if _, err := copyRows(ctx, src.Conn().PgConn(),
 		"COPY (SELECT DISTINCT ON ("+keys+") "+cols+", "+deletedAt+" FROM "+q+" WHERE "+claimed+" AND "+deletedAt+
-			" IS NOT NULL ORDER BY "+keys+", "+id+" DESC) TO STDOUT (FORMAT binary)",
+			" IS NOT NULL ORDER BY "+keys+", "+deletedAt+" DESC) TO STDOUT (FORMAT binary)",
 		tx.Conn().PgConn(), "COPY "+stageDel+" ("+cols+", "+deletedAt+") FROM STDIN (FORMAT binary, FREEZE)"); err != nil {
 		return 0, fmt.Errorf("copy deleted rows: %w", err)
 	}

@@ -69,10 +69,10 @@ FROM `+queueConfigTable(typ)+` WHERE dest_table = $1`, dest).Scan(
 	if c.Names.Function, err = ident.Parse(function); err != nil {
 		return nil, fmt.Errorf("config of %s: trigger_function: %w", dest, err)
 	}
-	if len(trig) != 3 {
-		return nil, fmt.Errorf("config of %s: triggers must name 3 triggers, has %d", dest, len(trig))
+	if len(trig) != 4 {
+		return nil, fmt.Errorf("config of %s: triggers must name 4 triggers, has %d", dest, len(trig))
 	}
-	c.Names.Insert, c.Names.Update, c.Names.Delete = trig[0], trig[1], trig[2]
+	c.Names.Insert, c.Names.Update, c.Names.Delete, c.Names.KeyChange = trig[0], trig[1], trig[2], trig[3]
 	return c, nil
 }
 

@@ -19,9 +19,9 @@ import (
 const Schema = "mimeo"
 
 // Reserved column names of the queue (a source key column must not use
-// them).
+// them). The queue has no serial and no index: every insert into it is on
+// the writer's path, and replay needs neither.
 const (
-	ColID        = "mimeo_id"
 	ColClaimed   = "mimeo_claimed"
 	ColDeletedAt = "mimeo_deleted_at"
 )
@@ -45,12 +45,16 @@ type Spec struct {
 
 // Names are the source objects of one replicated table.
 type Names struct {
-	Queue    ident.Name
-	Function ident.Name
-	Insert   string // trigger names (triggers live on the source table)
-	Update   string
-	Delete   string
+	Queue     ident.Name
+	Function  ident.Name
+	Insert    string // trigger names (triggers live on the source table)
+	Update    string
+	Delete    string
+	KeyChange string // row-level, fires only when an update changes a key
 }
+
+// Triggers lists the trigger names in a fixed order.
+func (n Names) Triggers() []string { return []string{n.Insert, n.Update, n.Delete, n.KeyChange} }
 
 // Tag returns the short tag that keeps one destination's objects apart
 // from another's for the same source table.
@@ -64,11 +68,12 @@ func Tag(destinationID, destTable string) string {
 func (s Spec) Names() Names {
 	base := s.Source.Schema + "_" + s.Source.Table
 	return Names{
-		Queue:    ident.Name{Schema: Schema, Table: ident.Derive(base, "_"+s.Tag+"_q")},
-		Function: ident.Name{Schema: Schema, Table: ident.Derive(base, "_"+s.Tag+"_fn")},
-		Insert:   ident.Derive("mimeo_"+s.Source.Table, "_"+s.Tag+"_ins"),
-		Update:   ident.Derive("mimeo_"+s.Source.Table, "_"+s.Tag+"_upd"),
-		Delete:   ident.Derive("mimeo_"+s.Source.Table, "_"+s.Tag+"_del"),
+		Queue:     ident.Name{Schema: Schema, Table: ident.Derive(base, "_"+s.Tag+"_q")},
+		Function:  ident.Name{Schema: Schema, Table: ident.Derive(base, "_"+s.Tag+"_fn")},
+		Insert:    ident.Derive("mimeo_"+s.Source.Table, "_"+s.Tag+"_ins"),
+		Update:    ident.Derive("mimeo_"+s.Source.Table, "_"+s.Tag+"_upd"),
+		Delete:    ident.Derive("mimeo_"+s.Source.Table, "_"+s.Tag+"_del"),
+		KeyChange: ident.Derive("mimeo_"+s.Source.Table, "_"+s.Tag+"_key"),
 	}
 }
 
@@ -83,7 +88,7 @@ func (s Spec) Validate() error {
 	}
 	for _, c := range cols {
 		switch c.Name {
-		case ColID, ColClaimed, ColDeletedAt:
+		case ColClaimed, ColDeletedAt:
 			return fmt.Errorf("%s: column %q clashes with a column of mimeo's queue; rename it or leave it out with p_filter", s.Source, c.Name)
 		}
 	}
@@ -105,37 +110,44 @@ func (s Spec) Create() []string {
 	if s.Logdel {
 		cols = append(cols, ident.Quote(ColDeletedAt)+" timestamptz")
 	}
-	queue := fmt.Sprintf("CREATE TABLE %s (%s bigserial PRIMARY KEY, %s boolean NOT NULL DEFAULT false, %s)",
-		n.Queue.Sanitize(), ident.Quote(ColID), ident.Quote(ColClaimed), strings.Join(cols, ", "))
+	queue := fmt.Sprintf("CREATE TABLE %s (%s boolean NOT NULL DEFAULT false, %s)",
+		n.Queue.Sanitize(), ident.Quote(ColClaimed), strings.Join(cols, ", "))
 
 	keys := quoteAll(s.Keys)
 	keyList := strings.Join(keys, ", ")
+	oldKeys := make([]string, len(keys))
+	newKeys := make([]string, len(keys))
+	for i, k := range keys {
+		oldKeys[i], newKeys[i] = "OLD."+k, "NEW."+k
+	}
 	onDelete := fmt.Sprintf("INSERT INTO %s (%s) SELECT %s FROM old_rows;", n.Queue.Sanitize(), keyList, keyList)
 	if s.Logdel {
 		all := strings.Join(quoteAll(queued), ", ")
 		onDelete = fmt.Sprintf("INSERT INTO %s (%s, %s) SELECT %s, clock_timestamp() FROM old_rows;",
 			n.Queue.Sanitize(), all, ident.Quote(ColDeletedAt), all)
 	}
-	// An update queues the new keys and, when the key itself changed, the
-	// old ones too (EXCEPT finds them without a row-by-row comparison).
+	// Statement level: one set-based insert per statement. An update queues
+	// its new keys; the rare update that changes a key also fires the row
+	// trigger (its WHEN is checked without calling the function) to queue
+	// the old key.
 	fn := fmt.Sprintf(`CREATE FUNCTION %s() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $mimeo$
 BEGIN
-    IF TG_OP = 'INSERT' THEN
+    IF TG_LEVEL = 'ROW' THEN
+        INSERT INTO %s (%s) VALUES (%s);
+    ELSIF TG_OP = 'INSERT' THEN
         INSERT INTO %s (%s) SELECT %s FROM new_rows;
     ELSIF TG_OP = 'UPDATE' THEN
-        INSERT INTO %s (%s)
-        SELECT %s FROM new_rows
-        UNION ALL
-        (SELECT %s FROM old_rows EXCEPT SELECT %s FROM new_rows);
+        INSERT INTO %s (%s) SELECT %s FROM new_rows;
     ELSE
         %s
     END IF;
     RETURN NULL;
 END
 $mimeo$`, n.Function.Sanitize(),
+		n.Queue.Sanitize(), keyList, strings.Join(oldKeys, ", "),
 		n.Queue.Sanitize(), keyList, keyList,
-		n.Queue.Sanitize(), keyList, keyList, keyList, keyList,
+		n.Queue.Sanitize(), keyList, keyList,
 		onDelete)
 	table := s.Source.Sanitize()
 	return []string{
@@ -143,10 +155,12 @@ $mimeo$`, n.Function.Sanitize(),
 		fn,
 		fmt.Sprintf("CREATE TRIGGER %s AFTER INSERT ON %s REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION %s()",
 			ident.Quote(n.Insert), table, n.Function.Sanitize()),
-		fmt.Sprintf("CREATE TRIGGER %s AFTER UPDATE ON %s REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION %s()",
+		fmt.Sprintf("CREATE TRIGGER %s AFTER UPDATE ON %s REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION %s()",
 			ident.Quote(n.Update), table, n.Function.Sanitize()),
 		fmt.Sprintf("CREATE TRIGGER %s AFTER DELETE ON %s REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION %s()",
 			ident.Quote(n.Delete), table, n.Function.Sanitize()),
+		fmt.Sprintf("CREATE TRIGGER %s AFTER UPDATE OF %s ON %s FOR EACH ROW WHEN ((%s) IS DISTINCT FROM (%s)) EXECUTE FUNCTION %s()",
+			ident.Quote(n.KeyChange), keyList, table, rowOf(oldKeys), rowOf(newKeys), n.Function.Sanitize()),
 	}
 }
 
@@ -160,6 +174,15 @@ func (n Names) Drop() []string {
 		fmt.Sprintf("DROP FUNCTION IF EXISTS %s() CASCADE", n.Function.Sanitize()),
 		fmt.Sprintf("DROP TABLE IF EXISTS %s", n.Queue.Sanitize()),
 	}
+}
+
+// rowOf makes a row constructor of one or more values, so that a single
+// key compares as a row too.
+func rowOf(vals []string) string {
+	if len(vals) == 1 {
+		return "ROW(" + vals[0] + ")"
+	}
+	return strings.Join(vals, ", ")
 }
 
 func quoteAll(cols []Column) []string {

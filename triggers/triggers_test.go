@@ -37,12 +37,12 @@ func TestCreateQuotesEverything(t *testing.T) {
 	require.Contains(t, sql, `"id""; --"`)
 	require.NotContains(t, sql, `Weird "Name"; DROP`)
 	require.Contains(t, sql, "mimeo_deleted_at")
-	require.Len(t, s.Create(), 5, "queue, function, three triggers")
+	require.Len(t, s.Create(), 6, "queue, function, four triggers")
 }
 
 func TestValidateRefusesClashes(t *testing.T) {
 	t.Parallel()
-	s := Spec{Source: ident.Name{Schema: "s", Table: "t"}, Keys: []Column{{Name: ColID, Type: "int"}}}
+	s := Spec{Source: ident.Name{Schema: "s", Table: "t"}, Keys: []Column{{Name: ColClaimed, Type: "int"}}}
 	require.ErrorContains(t, s.Validate(), "clashes")
 	require.ErrorContains(t, Spec{Source: ident.Name{Schema: "s", Table: "t"}}.Validate(), "no key")
 }
