@@ -178,6 +178,14 @@ func TestDMLMakerBadInput(t *testing.T) {
 	require.Contains(t, e.failed(`SELECT mimeo.logdel_maker('public.nokey', $1)`, e.dblink), "no primary key or unique index")
 	require.Contains(t, e.sqlError(`SELECT mimeo.dml_maker('public.t', $1, p_pk_type => ARRAY['int'])`, e.dblink), "must be given together")
 	require.Zero(t, e.sourceObjects(), "nothing half-created on the source")
+
+	// A failure after the source objects exist (the destination lacks the
+	// column's type) removes them again.
+	e.exec(e.app, `CREATE TYPE mood AS ENUM ('ok', 'meh')`)
+	e.exec(e.app, `CREATE TABLE public.moods (id int PRIMARY KEY, m mood)`)
+	e.prepareTriggers("public.moods")
+	require.Contains(t, e.failed(`SELECT mimeo.dml_maker('public.moods', $1)`, e.dblink), `type "mood" does not exist`)
+	require.Zero(t, e.sourceObjects(), "the failed maker cleaned up the source")
 	var configs int
 	require.NoError(t, e.dst.QueryRow(e.ctx, `SELECT count(*) FROM mimeo.refresh_config`).Scan(&configs))
 	require.Zero(t, configs)
