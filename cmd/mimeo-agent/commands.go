@@ -104,7 +104,7 @@ SELECT dest_table, type, dblink, source_table,
        CASE WHEN last_error IS NOT NULL THEN 'failed: ' || last_error
             WHEN last_success IS NOT NULL THEN 'ok'
             ELSE '-' END,
-       coalesce(pending, '')
+       coalesce(pending, ''), coalesce(last_value, '')
 FROM mimeo.refresh_status ORDER BY dest_table`
 
 func cmdStatus(ctx context.Context, args []string, stdout, stderr io.Writer) error {
@@ -127,14 +127,14 @@ func cmdStatus(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	}
 	defer rows.Close()
 	w := tabwriter.NewWriter(stdout, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(w, "TABLE\tTYPE\tSOURCE\tLAST RUN\tLAST OUTCOME\tPENDING")
+	fmt.Fprintln(w, "TABLE\tTYPE\tSOURCE\tLAST RUN\tLAST VALUE\tLAST OUTCOME\tPENDING")
 	for rows.Next() {
-		var dest, typ, src, lastRun, outcome, pending string
+		var dest, typ, src, lastRun, outcome, pending, lastValue string
 		var dblink int
-		if err := rows.Scan(&dest, &typ, &dblink, &src, &lastRun, &outcome, &pending); err != nil {
-			return err
+		if err := rows.Scan(&dest, &typ, &dblink, &src, &lastRun, &outcome, &pending, &lastValue); err != nil {
+			return fmt.Errorf("read mimeo.refresh_status: %w", err)
 		}
-		fmt.Fprintf(w, "%s\t%s\t%d:%s\t%s\t%s\t%s\n", dest, typ, dblink, src, lastRun, outcome, pending)
+		fmt.Fprintf(w, "%s\t%s\t%d:%s\t%s\t%s\t%s\t%s\n", dest, typ, dblink, src, lastRun, lastValue, outcome, pending)
 	}
 	if err := rows.Err(); err != nil {
 		return fmt.Errorf("read mimeo.refresh_status: %w", err)
