@@ -13,9 +13,12 @@ import (
 
 // slowSource makes every refresh of dest read slowly (a sleep per source
 // row) and forget the statistics, so runs overlap and always copy.
-func (e *env) slowSource(dest string) {
+func (e *env) slowSource(dest string) { e.slowSourceBy(dest, "0.002") }
+
+// slowSourceBy sleeps seconds per source row.
+func (e *env) slowSourceBy(dest, seconds string) {
 	e.exec(e.dst, `UPDATE mimeo.refresh_config_snap
-SET condition = $$pg_sleep(0.002)::text = ''$$, n_tup_ins = NULL WHERE dest_table = $1`, dest)
+SET condition = format('pg_sleep(%s)::text = %L', $2::numeric, ''), n_tup_ins = NULL WHERE dest_table = $1`, dest, seconds)
 }
 
 func TestConcurrentRefreshOfOneTableSkipsTheSecond(t *testing.T) {
@@ -24,7 +27,7 @@ func TestConcurrentRefreshOfOneTableSkipsTheSecond(t *testing.T) {
 	e.createItems("public.items", 400)
 	e.startAgent(e.config())
 	e.done(`SELECT mimeo.snapshot_maker('public.items', $1)`, e.dblink)
-	e.slowSource("public.items")
+	e.slowSourceBy("public.items", "0.015") // ~6s: longer than a run waits for the lock
 
 	var first, second int64
 	require.NoError(t, e.dst.QueryRow(e.ctx, `SELECT mimeo.refresh_snap('public.items'), mimeo.refresh_snap('public.items')`).Scan(&first, &second))
@@ -77,11 +80,15 @@ func TestTwoAgentsShareTheQueueSafely(t *testing.T) {
 	var jobs, overlaps int
 	require.NoError(t, e.dst.QueryRow(e.ctx, `SELECT count(*) FROM mimeo.job_log WHERE request_id = ANY($1)`, ids).Scan(&jobs))
 	require.Equal(t, len(ids), jobs, "one job per request")
+	// A run's work starts with its first step, once it holds the lock.
 	require.NoError(t, e.dst.QueryRow(e.ctx, `
-SELECT count(*) FROM mimeo.job_log x JOIN mimeo.job_log y
-  ON x.dest_table = y.dest_table AND x.job_id < y.job_id AND x.status = 'OK' AND y.status = 'OK'
- AND tstzrange(x.start_time, x.end_time) && tstzrange(y.start_time, y.end_time)
-WHERE x.request_id = ANY($1) AND y.request_id = ANY($1)`, ids).Scan(&overlaps))
+WITH runs AS (
+    SELECT j.job_id, j.dest_table, j.request_id, j.end_time,
+           (SELECT min(d.start_time) FROM mimeo.job_detail d WHERE d.job_id = j.job_id) AS work_start
+    FROM mimeo.job_log j WHERE j.status = 'OK' AND j.request_id = ANY($1))
+SELECT count(*) FROM runs x JOIN runs y
+  ON x.dest_table = y.dest_table AND x.job_id < y.job_id
+ AND tstzrange(x.work_start, x.end_time) && tstzrange(y.work_start, y.end_time)`, ids).Scan(&overlaps))
 	require.Zero(t, overlaps, "no table ran twice at once")
 	for _, tbl := range tables {
 		e.requireSame(tbl, tbl)

@@ -204,13 +204,22 @@ func controlColumn(st *sourceTable, name string) (controlKind, error) {
 
 // catchUp copies batches until it reaches the run's upper bound.
 func (a *Agent) catchUp(ctx context.Context, r *run, src *pgxpool.Conn, cfg *incConfig, st *sourceTable, limit int) error {
-	bound, err := a.upperBound(ctx, src, cfg, st)
+	bound, err := a.upperBound(ctx, r, src, cfg, st)
 	if err != nil {
 		return fmt.Errorf("refresh %s: %w", r.dest, err)
 	}
 	var total int64
 	batches := 0
 	last := cfg.LastValue
+	if last != nil {
+		// last_value is written into COPY statements: let the source say
+		// it in canonical form first (it may have been edited by hand).
+		var canon string
+		if err := src.QueryRow(ctx, `SELECT `+cfg.Kind.text(`$1::text::`+cfg.Kind.sqlType()), *last).Scan(&canon); err != nil {
+			return fmt.Errorf("refresh %s: last_value %q is not a valid %s: %w", r.dest, *last, cfg.Kind.sqlType(), err)
+		}
+		last = &canon
+	}
 	for {
 		end, final := "", false
 		if bound != "" {
@@ -270,7 +279,7 @@ func (a *Agent) finishInc(ctx context.Context, tx pgx.Tx, r *run, cfg *incConfig
 	if _, err := tx.Exec(ctx, "UPDATE "+configTable(cfg.Type)+" SET last_run = $2 WHERE dest_table = $1", r.req.DestTable, r.started); err != nil {
 		return fmt.Errorf("record run: %w", err)
 	}
-	msg := fmt.Sprintf("copied %d rows in %d batches; last_value %s", rows, batches, describeLast(last))
+	msg := fmt.Sprintf("copied %d rows in %s; last_value %s", rows, plural(batches, "batch", "batches"), describeLast(last))
 	if batches == 0 {
 		msg = "nothing new on the source; last_value " + describeLast(last)
 	}
@@ -282,7 +291,7 @@ func (a *Agent) finishInc(ctx context.Context, tx pgx.Tx, r *run, cfg *incConfig
 // source has nothing): now() - boundary for time columns, or the start of
 // the oldest open source transaction with 'auto'; max - boundary for
 // serial ones.
-func (a *Agent) upperBound(ctx context.Context, src *pgxpool.Conn, cfg *incConfig, st *sourceTable) (string, error) {
+func (a *Agent) upperBound(ctx context.Context, r *run, src *pgxpool.Conn, cfg *incConfig, st *sourceTable) (string, error) {
 	var bound *string
 	var err error
 	switch {
@@ -290,12 +299,22 @@ func (a *Agent) upperBound(ctx context.Context, src *pgxpool.Conn, cfg *incConfi
 		if err := checkStatsVisible(ctx, src); err != nil {
 			return "", err
 		}
+		// A prepared transaction's start is unknown (only its PREPARE
+		// time is): wait until it is resolved.
+		var prepared bool
+		if err := src.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_prepared_xacts WHERE database = current_database())`).Scan(&prepared); err != nil {
+			return "", fmt.Errorf("look for prepared transactions: %w", err)
+		}
+		if prepared {
+			r.note(ctx, "Upper bound", "waiting: a prepared transaction on the source may still commit older rows (see pg_prepared_xacts)", true)
+			return "", nil
+		}
 		// A transaction still open may yet commit rows whose control value
 		// is as old as its start: nothing at or after that moment is safe.
 		err = src.QueryRow(ctx, `SELECT `+cfg.Kind.text(`least(now(),
     (SELECT min(xact_start) FROM pg_catalog.pg_stat_activity
-     WHERE datname = current_database() AND pid <> pg_backend_pid() AND backend_type = 'client backend'),
-    (SELECT min(prepared) FROM pg_catalog.pg_prepared_xacts WHERE database = current_database()))::`+cfg.Kind.sqlType())).Scan(&bound)
+     WHERE datname = current_database() AND pid <> pg_backend_pid()
+       AND backend_type NOT IN ('autovacuum worker', 'autovacuum launcher', 'walsender')))::`+cfg.Kind.sqlType())).Scan(&bound)
 	case cfg.Kind.timed():
 		err = src.QueryRow(ctx, `SELECT `+cfg.Kind.text(`(now() - $1::interval)::`+cfg.Kind.sqlType()), cfg.Boundary).Scan(&bound)
 	default:
@@ -312,12 +331,17 @@ func (a *Agent) upperBound(ctx context.Context, src *pgxpool.Conn, cfg *incConfi
 // 'auto' would be unsafe.
 func checkStatsVisible(ctx context.Context, src *pgxpool.Conn) error {
 	var ok bool
-	err := src.QueryRow(ctx, `SELECT pg_has_role('pg_read_all_stats', 'MEMBER') OR (SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user)`).Scan(&ok)
+	var tracked bool
+	err := src.QueryRow(ctx, `SELECT pg_has_role('pg_read_all_stats', 'USAGE') OR (SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user),
+       current_setting('track_activities')::boolean`).Scan(&ok, &tracked)
 	if err != nil {
 		return fmt.Errorf("check pg_read_all_stats: %w", err)
 	}
 	if !ok {
 		return errors.New("boundary 'auto' needs to see other sessions' transactions: GRANT pg_read_all_stats TO the replication role on the source")
+	}
+	if !tracked {
+		return errors.New("boundary 'auto' needs track_activities = on on the source to see when transactions started")
 	}
 	return nil
 }
@@ -372,8 +396,12 @@ func applyRows(ctx context.Context, tx pgx.Tx, src *pgxpool.Conn, cfg *incConfig
 	if _, err := tx.Exec(ctx, "ANALYZE "+stage); err != nil {
 		return 0, fmt.Errorf("analyze staging table: %w", err)
 	}
-	if _, err := tx.Exec(ctx, "DELETE FROM "+dest.Sanitize()+" d USING "+stage+" s WHERE "+strings.Join(keys, " AND ")); err != nil {
-		return 0, fmt.Errorf("delete replaced rows: %w", err)
+	if err := execAll(ctx, tx, "replace rows", []string{
+		sqlKeyedJoins,
+		"DELETE FROM " + dest.Sanitize() + " d USING " + stage + " s WHERE " + strings.Join(keys, " AND "),
+		sqlAnyJoins,
+	}); err != nil {
+		return 0, err
 	}
 	if _, err := tx.Exec(ctx, "INSERT INTO "+dest.Sanitize()+" ("+columnList(st.Columns)+") SELECT "+columnList(st.Columns)+" FROM "+stage); err != nil {
 		return 0, fmt.Errorf("insert rows: %w", err)
@@ -417,12 +445,22 @@ func (a *Agent) repullRange(ctx context.Context, r *run, src *pgxpool.Conn, cfg 
 	if err != nil {
 		return fmt.Errorf("repull %s: %w", r.dest, err)
 	}
+	if cfg.LastValue == nil { // nothing copied yet: nothing to re-pull
+		return withTx(ctx, r.dst, func(tx pgx.Tx) error { return a.finishInc(ctx, tx, r, cfg, 0, 0, nil) })
+	}
+	// Rows after last_value belong to the next catch-up, not to a repull:
+	// taking them here would copy them twice.
 	op := "<"
 	if end == nil {
-		if cfg.LastValue == nil {
-			return withTx(ctx, r.dst, func(tx pgx.Tx) error { return a.finishInc(ctx, tx, r, cfg, 0, 0, nil) })
-		}
 		upper, op = *cfg.LastValue, "<="
+	} else {
+		var past bool
+		if err := src.QueryRow(ctx, `SELECT $1::text::`+cfg.Kind.sqlType()+` > $2::text::`+cfg.Kind.sqlType(), upper, *cfg.LastValue).Scan(&past); err != nil {
+			return fmt.Errorf("repull %s: compare p_repull_end with last_value: %w", r.dest, err)
+		}
+		if past {
+			upper, op = *cfg.LastValue, "<="
+		}
 	}
 	return withTx(ctx, r.dst, func(tx pgx.Tx) error {
 		if _, err := tx.Exec(ctx, "DELETE FROM "+r.dest.Sanitize()+" "+window(cfg.Kind, cfg.Control, lower, upper, op, "")); err != nil {

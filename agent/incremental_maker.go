@@ -204,8 +204,14 @@ func updaterKey(st *sourceTable, field, types []string) ([]string, []string, err
 	}
 	if len(field) > 0 {
 		for _, f := range field {
-			if _, ok := has(f); !ok {
+			c, ok := has(f)
+			if !ok {
 				return nil, nil, fmt.Errorf("p_pk_field names %q, which is not a copied column of %s", f, st.Name)
+			}
+			// A table says whether a column may be NULL (a view cannot):
+			// a NULL key matches nothing and would never be replaced.
+			if st.Plain && !c.NotNull {
+				return nil, nil, fmt.Errorf("p_pk_field names %q, which may be NULL on %s; a key column must be NOT NULL", f, st.Name)
 			}
 		}
 		return field, types, nil
@@ -227,7 +233,7 @@ func updaterKey(st *sourceTable, field, types []string) ([]string, []string, err
 		var cols, typs []string
 		for _, name := range ix.Columns {
 			c, ok := has(name)
-			if !ok {
+			if !ok || !c.NotNull { // as for a replica identity: no NULLs in a key
 				cols = nil
 				break
 			}

@@ -229,7 +229,7 @@ func TestInserterOntoExistingTable(t *testing.T) {
 func TestIncrementalBadInput(t *testing.T) {
 	t.Parallel()
 	e := setup(t)
-	e.exec(e.app, `CREATE TABLE public.nokey (n int, at timestamptz, label text)`)
+	e.exec(e.app, `CREATE TABLE public.nokey (n int NOT NULL, at timestamptz, label text)`)
 	e.exec(e.app, `GRANT SELECT ON public.nokey TO `+replRole)
 	e.startAgent(e.config())
 
@@ -243,6 +243,7 @@ func TestIncrementalBadInput(t *testing.T) {
 	require.Contains(t, e.failed(`SELECT mimeo.updater_maker('public.nokey', 'at', $1)`, e.dblink), "no primary key or unique index")
 	require.Contains(t, e.failed(`SELECT mimeo.updater_maker('public.nokey', 'at', $1, p_pk_field => ARRAY['zz'], p_pk_type => ARRAY['int'])`, e.dblink), `p_pk_field names "zz"`)
 
+	require.Contains(t, e.failed(`SELECT mimeo.updater_maker('public.nokey', 'at', $1, p_pk_field => ARRAY['label'], p_pk_type => ARRAY['text'])`, e.dblink), "must be NOT NULL")
 	e.done(`SELECT mimeo.updater_maker('public.nokey', 'at', $1, p_pk_field => ARRAY['n'], p_pk_type => ARRAY['int'])`, e.dblink)
 	require.Contains(t, e.sqlError(`SELECT mimeo.refresh_updater('public.nokey', p_limit => 0)`), "p_limit must be at least 1")
 	require.Contains(t, e.sqlError(`SELECT mimeo.refresh_updater('public.nokey', p_repull_start => '2024-01-01')`), "need p_repull")

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"runtime/debug"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
@@ -108,8 +109,31 @@ func (r *run) skip(ctx context.Context, message string) {
 	r.note(ctx, "Skip", message, true)
 }
 
-// tableLockKey is the advisory lock one run of a destination table holds.
-const sqlTryTableLock = `SELECT pg_try_advisory_lock(hashtextextended('mimeo.table:' || $1, 0))`
+// The advisory lock one run of a destination table holds, on its connection.
+const sqlTableLock = `SELECT pg_advisory_lock(hashtextextended('mimeo.table:' || $1, 0))`
+
+// tableLockWait is how long a run waits for its table's lock before it
+// counts as "already running". The run before it commits its outcome a
+// moment before it lets go of the lock: a refresh asked for right after
+// another must not be skipped for that.
+const tableLockWait = "3s"
+
+// lockTable takes the session-level table lock on conn, waiting at most
+// tableLockWait; false means another run holds it.
+func lockTable(ctx context.Context, conn *pgxpool.Conn, dest string) (bool, error) {
+	err := withTx(ctx, conn, func(tx pgx.Tx) error {
+		if _, err := tx.Exec(ctx, "SET LOCAL lock_timeout = '"+tableLockWait+"'"); err != nil {
+			return err
+		}
+		_, err := tx.Exec(ctx, sqlTableLock, dest)
+		return err
+	})
+	if hasCode(err, "55P03") {
+		return false, nil
+	}
+	return err == nil, err
+}
+
 const sqlTableUnlock = `SELECT pg_advisory_unlock(hashtextextended('mimeo.table:' || $1, 0))`
 
 // execute runs one claimed request to its end and records the outcome.
@@ -176,8 +200,8 @@ func (a *Agent) executeLogged(ctx context.Context, req queue.Request, log hclog.
 	log = log.With("job_id", job.id)
 	r := &run{req: req, dest: dest, dst: conn, log: log, job: job, agentID: a.agentID(), started: time.Now(), debug: common.Debug}
 
-	var locked bool
-	if err := conn.QueryRow(ctx, sqlTryTableLock, req.DestTable).Scan(&locked); err != nil {
+	locked, err := lockTable(ctx, conn, req.DestTable)
+	if err != nil {
 		job.end(ctx, jobCritical, 0)
 		return a.interrupted(ctx, req, log, fmt.Errorf("%s %s: take table lock: %w", req.Action, req.DestTable, err))
 	}
@@ -190,7 +214,7 @@ func (a *Agent) executeLogged(ctx context.Context, req queue.Request, log hclog.
 	}
 
 	log.Info("run started", "attempt", req.Attempts)
-	err = h.run(ctx, r)
+	err = runHandler(ctx, h, r)
 	if err == nil {
 		var unlocked bool
 		healthy = !r.dirty &&
@@ -235,4 +259,17 @@ func (a *Agent) interrupted(ctx context.Context, req queue.Request, log hclog.Lo
 	}
 	log.Error("run failed", "error", err)
 	return queue.Outcome{Status: queue.StatusFailed, Error: err.Error()}
+}
+
+// runHandler runs a handler, turning a panic into a failed run: one bad
+// table must not take the agent, and every other table, down with it.
+func runHandler(ctx context.Context, h handler, r *run) (err error) {
+	defer func() {
+		if p := recover(); p != nil {
+			r.dirty = true // the connection's state is unknown: close it
+			err = fmt.Errorf("%s %s: internal error (please report it): %v", r.req.Action, r.req.DestTable, p)
+			r.log.Error("run panicked", "panic", p, "stack", string(debug.Stack()))
+		}
+	}()
+	return h.run(ctx, r)
 }

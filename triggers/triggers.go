@@ -110,7 +110,9 @@ func (s Spec) Create() []string {
 	if s.Logdel {
 		cols = append(cols, ident.Quote(ColDeletedAt)+" timestamptz")
 	}
-	queue := fmt.Sprintf("CREATE TABLE %s (%s boolean NOT NULL DEFAULT false, %s)",
+	// mimeo_claimed holds the token of the batch that claimed an entry
+	// (NULL while unclaimed), so a run only ever removes its own batch.
+	queue := fmt.Sprintf("CREATE TABLE %s (%s bigint, %s)",
 		n.Queue.Sanitize(), ident.Quote(ColClaimed), strings.Join(cols, ", "))
 
 	keys := quoteAll(s.Keys)
@@ -121,10 +123,19 @@ func (s Spec) Create() []string {
 		oldKeys[i], newKeys[i] = "OLD."+k, "NEW."+k
 	}
 	onDelete := fmt.Sprintf("INSERT INTO %s (%s) SELECT %s FROM old_rows;", n.Queue.Sanitize(), keyList, keyList)
+	onKeyChange := fmt.Sprintf("INSERT INTO %s (%s) VALUES (%s);", n.Queue.Sanitize(), keyList, strings.Join(oldKeys, ", "))
 	if s.Logdel {
-		all := strings.Join(quoteAll(queued), ", ")
+		// logdel keeps what a deleted row held; a row whose key changed is,
+		// under its old key, deleted too.
+		all := quoteAll(queued)
+		olds := make([]string, len(all))
+		for i, c := range all {
+			olds[i] = "OLD." + c
+		}
 		onDelete = fmt.Sprintf("INSERT INTO %s (%s, %s) SELECT %s, clock_timestamp() FROM old_rows;",
-			n.Queue.Sanitize(), all, ident.Quote(ColDeletedAt), all)
+			n.Queue.Sanitize(), strings.Join(all, ", "), ident.Quote(ColDeletedAt), strings.Join(all, ", "))
+		onKeyChange = fmt.Sprintf("INSERT INTO %s (%s, %s) VALUES (%s, clock_timestamp());",
+			n.Queue.Sanitize(), strings.Join(all, ", "), ident.Quote(ColDeletedAt), strings.Join(olds, ", "))
 	}
 	// Statement level: one set-based insert per statement. An update queues
 	// its new keys; the rare update that changes a key also fires the row
@@ -134,7 +145,7 @@ func (s Spec) Create() []string {
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $mimeo$
 BEGIN
     IF TG_LEVEL = 'ROW' THEN
-        INSERT INTO %s (%s) VALUES (%s);
+        %s
     ELSIF TG_OP = 'INSERT' THEN
         INSERT INTO %s (%s) SELECT %s FROM new_rows;
     ELSIF TG_OP = 'UPDATE' THEN
@@ -145,7 +156,7 @@ BEGIN
     RETURN NULL;
 END
 $mimeo$`, n.Function.Sanitize(),
-		n.Queue.Sanitize(), keyList, strings.Join(oldKeys, ", "),
+		onKeyChange,
 		n.Queue.Sanitize(), keyList, keyList,
 		n.Queue.Sanitize(), keyList, keyList,
 		onDelete)
@@ -159,8 +170,10 @@ $mimeo$`, n.Function.Sanitize(),
 			ident.Quote(n.Update), table, n.Function.Sanitize()),
 		fmt.Sprintf("CREATE TRIGGER %s AFTER DELETE ON %s REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION %s()",
 			ident.Quote(n.Delete), table, n.Function.Sanitize()),
-		fmt.Sprintf("CREATE TRIGGER %s AFTER UPDATE OF %s ON %s FOR EACH ROW WHEN ((%s) IS DISTINCT FROM (%s)) EXECUTE FUNCTION %s()",
-			ident.Quote(n.KeyChange), keyList, table, rowOf(oldKeys), rowOf(newKeys), n.Function.Sanitize()),
+		// No "UPDATE OF <keys>": a BEFORE trigger may change a key the
+		// statement does not name.
+		fmt.Sprintf("CREATE TRIGGER %s AFTER UPDATE ON %s FOR EACH ROW WHEN ((%s) IS DISTINCT FROM (%s)) EXECUTE FUNCTION %s()",
+			ident.Quote(n.KeyChange), table, rowOf(oldKeys), rowOf(newKeys), n.Function.Sanitize()),
 	}
 }
 

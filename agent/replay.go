@@ -1,0 +1,388 @@
+package agent
+
+import (
+	"context"
+	"fmt"
+	"math/rand/v2"
+	"strconv"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/mimeo-dev/mimeo/internal/ident"
+	"github.com/mimeo-dev/mimeo/triggers"
+)
+
+// refreshQueued replays the queue in batches until it is empty, or, with
+// p_repull, reloads the table at a point consistent with the queue.
+func (a *Agent) refreshQueued(ctx context.Context, r *run, typ string) error {
+	var args incRefreshArgs
+	if err := r.args(&args); err != nil {
+		return err
+	}
+	cfg, err := loadQueueConfig(ctx, r.dst, typ, r.req.DestTable)
+	if err != nil {
+		return err
+	}
+	srcName, err := ident.Parse(cfg.Source)
+	if err != nil {
+		return fmt.Errorf("refresh %s: source table: %w", r.dest, err)
+	}
+	src, desc, err := a.sources.acquire(ctx, r.dst, cfg.Dblink)
+	if err != nil {
+		return fmt.Errorf("refresh %s: %w", r.dest, err)
+	}
+	defer src.Release()
+	r.note(ctx, "Connect to source", "connected to source "+desc, false)
+	st, err := describeSource(ctx, src, srcName, cfg.Filter, cfg.Condition, false)
+	if err == nil {
+		err = checkQueuedColumns(ctx, r, st, cfg)
+	}
+	if err != nil {
+		return fmt.Errorf("refresh %s: %w", r.dest, err)
+	}
+	var queueExists bool
+	if err := src.QueryRow(ctx, `SELECT to_regclass($1) IS NOT NULL`, cfg.Names.Queue.Sanitize()).Scan(&queueExists); err != nil {
+		return fmt.Errorf("refresh %s: look up queue: %w", r.dest, err)
+	}
+	if !queueExists {
+		return fmt.Errorf("refresh %s: the source queue %s is missing: recreate the table with %s_destroyer and %s_maker", r.dest, cfg.Names.Queue, typ, typ)
+	}
+	if args.Repull {
+		return a.repullQueued(ctx, r, src, cfg, st)
+	}
+	limit := cfg.BatchLimit
+	if args.Limit != nil {
+		limit = *args.Limit
+	}
+	var total int64
+	batches := 0
+	for {
+		// Each batch has a token of its own: a run only ever removes the
+		// entries it claimed itself.
+		token := rand.Int64N(1<<62) + 1
+		claimed, err := claimBatch(ctx, src, cfg, limit, token)
+		if err != nil {
+			return fmt.Errorf("refresh %s: claim queued changes: %w", r.dest, err)
+		}
+		if claimed == 0 {
+			break
+		}
+		var rows int64
+		err = withTx(ctx, r.dst, func(tx pgx.Tx) error {
+			var err error
+			rows, err = applyQueued(ctx, tx, src, cfg, st, r.dest, token)
+			return err
+		})
+		if err != nil {
+			return fmt.Errorf("refresh %s: apply batch %d: %w", r.dest, batches+1, err)
+		}
+		if err := a.fault(faultAfterDestCommit); err != nil {
+			return err
+		}
+		// Only now, with the destination committed, may the entries go.
+		if err := execSourceArgs(ctx, src, "DELETE FROM "+cfg.Names.Queue.Sanitize()+" WHERE "+ident.Quote(triggers.ColClaimed)+" = $1", token); err != nil {
+			return fmt.Errorf("refresh %s: remove applied queue entries: %w", r.dest, err)
+		}
+		total += rows
+		batches++
+		if r.debug {
+			r.note(ctx, "Batch", fmt.Sprintf("batch %d: %d queued changes, %d rows", batches, claimed, rows), false)
+		}
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+	}
+	return withTx(ctx, r.dst, func(tx pgx.Tx) error {
+		if _, err := tx.Exec(ctx, "UPDATE "+queueConfigTable(typ)+" SET last_run = $2 WHERE dest_table = $1", r.req.DestTable, r.started); err != nil {
+			return fmt.Errorf("record run: %w", err)
+		}
+		msg := fmt.Sprintf("replayed %s; %d rows written", plural(batches, "batch", "batches"), total)
+		r.note(ctx, "Summary", msg, false)
+		return r.complete(ctx, tx, total, msg)
+	})
+}
+
+// checkQueuedColumns makes sure the key columns are still copied and the
+// destination still has every copied column, with the same type.
+func checkQueuedColumns(ctx context.Context, r *run, st *sourceTable, cfg *queueConfig) error {
+	for _, k := range cfg.PkField {
+		if !containsColumn(st.Columns, k) {
+			return fmt.Errorf("%w: key column %q is no longer a column of %s; recreate the table with the destroyer and maker",
+				ErrColumnsChanged, k, st.Name)
+		}
+	}
+	current, err := relationColumns(ctx, r.dst, r.dest)
+	if err != nil {
+		return err
+	}
+	if current == nil {
+		return fmt.Errorf("destination table %s is missing (recreate it with the destroyer and maker)", r.dest)
+	}
+	for _, c := range st.Columns {
+		i := indexOfColumn(current, c.Name)
+		if i < 0 || current[i].Type != c.Type {
+			return fmt.Errorf("%w: column %q (%s) of %s does not match the destination; change the destination to match, or recreate it",
+				ErrColumnsChanged, c.Name, c.Type, st.Name)
+		}
+	}
+	return nil
+}
+
+// claimBatch gives up to limit unclaimed queue entries the batch's token,
+// unless entries claimed by an earlier, interrupted run are left (those go
+// first, under the new token), and returns how many it claimed.
+func claimBatch(ctx context.Context, src *pgxpool.Conn, cfg *queueConfig, limit int, token int64) (int64, error) {
+	q := cfg.Names.Queue.Sanitize()
+	claimed := ident.Quote(triggers.ColClaimed)
+	tx, err := beginWrite(ctx, src)
+	if err != nil {
+		return 0, err
+	}
+	defer func() { _ = tx.Rollback(context.WithoutCancel(ctx)) }()
+	tag, err := tx.Exec(ctx, "UPDATE "+q+" SET "+claimed+" = $1 WHERE "+claimed+" IS NOT NULL", token)
+	if err != nil {
+		return 0, err
+	}
+	n := tag.RowsAffected()
+	if n == 0 {
+		// The queue has no key of its own: entries are claimed by row
+		// address, in no particular order (the source's current rows are
+		// what gets applied, whatever the order).
+		tag, err := tx.Exec(ctx, "UPDATE "+q+" SET "+claimed+" = $1 WHERE ctid = ANY(ARRAY(SELECT ctid FROM "+q+
+			" WHERE "+claimed+" IS NULL LIMIT $2))", token, limit)
+		if err != nil {
+			return 0, err
+		}
+		n = tag.RowsAffected()
+	}
+	return n, tx.Commit(ctx)
+}
+
+// sqlKeyedJoins makes the keyed deletes of a batch use the destination's
+// key index: with the default costs the planner likes to hash the staged
+// keys and scan the whole table instead, a cost that grows with the table
+// rather than with the batch.
+const sqlKeyedJoins = `SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off`
+
+// sqlAnyJoins undoes sqlKeyedJoins for what follows in the transaction.
+const sqlAnyJoins = `SET LOCAL enable_hashjoin = on; SET LOCAL enable_mergejoin = on`
+
+// applyQueued applies a claimed batch inside the destination's tx: delete
+// its keys and insert the source's current rows for them (logdel: and the
+// last values of rows deleted on the source, marked deleted).
+func applyQueued(ctx context.Context, tx pgx.Tx, src *pgxpool.Conn, cfg *queueConfig, st *sourceTable, dest ident.Name, token int64) (int64, error) {
+	q := cfg.Names.Queue.Sanitize()
+	mine := ident.Quote(triggers.ColClaimed) + " = " + strconv.FormatInt(token, 10)
+	keys := quoteNames(cfg.PkField)
+	cols := columnList(st.Columns)
+	stageKeys, stageRows := ident.Quote("mimeo_stage_keys"), ident.Quote("mimeo_stage_rows")
+	keyDefs := make([]column, len(cfg.PkField))
+	for i, k := range cfg.PkField {
+		keyDefs[i] = st.Columns[indexOfColumn(st.Columns, k)]
+	}
+	for _, stmt := range []string{
+		"CREATE TEMP TABLE " + stageKeys + " (" + columnDefs(unconstrained(keyDefs)) + ") ON COMMIT DROP",
+		"CREATE TEMP TABLE " + stageRows + " (" + columnDefs(st.Columns) + ") ON COMMIT DROP",
+	} {
+		if _, err := tx.Exec(ctx, stmt); err != nil {
+			return 0, fmt.Errorf("create staging table: %w", err)
+		}
+	}
+	// The claimed keys, then the source's rows for them, as they are now.
+	if _, err := copyRows(ctx, src.Conn().PgConn(),
+		"COPY (SELECT DISTINCT "+keys+" FROM "+q+" WHERE "+mine+") TO STDOUT (FORMAT binary)",
+		tx.Conn().PgConn(), "COPY "+stageKeys+" ("+keys+") FROM STDIN (FORMAT binary, FREEZE)"); err != nil {
+		return 0, fmt.Errorf("copy queued keys: %w", err)
+	}
+	where := "WHERE (" + keysOf("t", cfg.PkField) + ") IN (SELECT " + keys + " FROM " + q + " WHERE " + mine + ")"
+	if cfg.Condition != "" {
+		where += " AND " + whereClause(cfg.Condition)[len("WHERE "):]
+	}
+	rows, err := copyRows(ctx, src.Conn().PgConn(),
+		"COPY (SELECT "+prefixed("t", st.Columns)+" FROM "+st.Name.Sanitize()+" t "+where+") TO STDOUT (FORMAT binary)",
+		tx.Conn().PgConn(), "COPY "+stageRows+" ("+cols+") FROM STDIN (FORMAT binary, FREEZE)")
+	if err != nil {
+		return 0, fmt.Errorf("copy current rows: %w", err)
+	}
+	if _, err := tx.Exec(ctx, "ANALYZE "+stageKeys+"; ANALYZE "+stageRows); err != nil {
+		return 0, fmt.Errorf("analyze staging tables: %w", err)
+	}
+	d := dest.Sanitize()
+	if cfg.Type == "dml" {
+		if err := execAll(ctx, tx, "apply", []string{
+			sqlKeyedJoins,
+			"DELETE FROM " + d + " d USING " + stageKeys + " k WHERE " + keyMatch(cfg.PkField, "d", "k"),
+			sqlAnyJoins,
+			"INSERT INTO " + d + " (" + cols + ") SELECT " + cols + " FROM " + stageRows,
+		}); err != nil {
+			return 0, err
+		}
+		return rows, nil
+	}
+
+	// logdel: the last deletion queued for each key of the batch.
+	deletedAt := ident.Quote(triggers.ColDeletedAt)
+	stageDel := ident.Quote("mimeo_stage_deleted")
+	if _, err := tx.Exec(ctx, "CREATE TEMP TABLE "+stageDel+" ("+columnDefs(unconstrained(st.Columns))+", "+deletedAt+" timestamptz) ON COMMIT DROP"); err != nil {
+		return 0, fmt.Errorf("create staging table: %w", err)
+	}
+	if _, err := copyRows(ctx, src.Conn().PgConn(),
+		"COPY (SELECT DISTINCT ON ("+keys+") "+cols+", "+deletedAt+" FROM "+q+" WHERE "+mine+" AND "+deletedAt+
+			" IS NOT NULL ORDER BY "+keys+", "+deletedAt+" DESC) TO STDOUT (FORMAT binary)",
+		tx.Conn().PgConn(), "COPY "+stageDel+" ("+cols+", "+deletedAt+") FROM STDIN (FORMAT binary, FREEZE)"); err != nil {
+		return 0, fmt.Errorf("copy deleted rows: %w", err)
+	}
+	deleted, err := applyLogdel(ctx, tx, cfg, st, dest, stageKeys, stageRows, stageDel)
+	return rows + deleted, err
+}
+
+// applyLogdel applies a logdel batch from its staging tables: live rows
+// replace their keys; a key no longer live on the source is kept with its
+// last values and the time of its deletion.
+// stageKeys "" means every live row is in play (a repull), where hashing
+// beats one index probe per key.
+func applyLogdel(ctx context.Context, tx pgx.Tx, cfg *queueConfig, st *sourceTable, dest ident.Name, stageKeys, stageRows, stageDel string) (int64, error) {
+	d := dest.Sanitize()
+	cols := columnList(st.Columns)
+	deletedAt := ident.Quote(triggers.ColDeletedAt)
+	marked := ident.Quote(deletedColumn)
+	joins, liveGo := sqlKeyedJoins, "DELETE FROM "+d+" d USING "+stageKeys+" k WHERE "+keyMatch(cfg.PkField, "d", "k")+" AND d."+marked+" IS NULL"
+	if stageKeys == "" {
+		joins, liveGo = sqlAnyJoins, "DELETE FROM "+d+" WHERE "+marked+" IS NULL"
+	}
+	steps := []string{
+		joins,
+		// Live on the source again: not deleted.
+		"DELETE FROM " + stageDel + " x USING " + stageRows + " r WHERE " + keyMatch(cfg.PkField, "x", "r"),
+		// A deletion older than the one already recorded changes nothing.
+		"DELETE FROM " + stageDel + " x USING " + d + " d WHERE " + keyMatch(cfg.PkField, "x", "d") +
+			" AND d." + marked + " >= x." + deletedAt,
+	}
+	if cfg.Condition != "" {
+		// A row outside the condition was never here: its deletion is not
+		// history of this table.
+		steps = append(steps, "DELETE FROM "+stageDel+" x WHERE NOT EXISTS (SELECT 1 FROM "+d+" d WHERE "+keyMatch(cfg.PkField, "d", "x")+")")
+	}
+	steps = append(steps,
+		// Every live row of the batch's keys goes: it is replaced below by
+		// the source's row, or marked deleted, or (no longer matching the
+		// condition, or an old key) simply leaves.
+		liveGo,
+		"DELETE FROM "+d+" d USING "+stageRows+" r WHERE "+keyMatch(cfg.PkField, "d", "r"),
+		"DELETE FROM "+d+" d USING "+stageDel+" x WHERE "+keyMatch(cfg.PkField, "d", "x"),
+		sqlAnyJoins,
+		"INSERT INTO "+d+" ("+cols+") SELECT "+cols+" FROM "+stageRows,
+	)
+	if err := execAll(ctx, tx, "apply", steps); err != nil {
+		return 0, err
+	}
+	tag, err := tx.Exec(ctx, "INSERT INTO "+d+" ("+cols+", "+marked+") SELECT "+cols+", "+deletedAt+" FROM "+stageDel)
+	if err != nil {
+		return 0, fmt.Errorf("apply: %w", err)
+	}
+	return tag.RowsAffected(), nil
+}
+
+// repullQueued reloads the table at one snapshot of the source, then
+// removes exactly the queue entries that snapshot already contains; later
+// entries stay for the next replay. A failure anywhere loses no change.
+// logdel keeps its deletion history, and adds the deletions still queued.
+func (a *Agent) repullQueued(ctx context.Context, r *run, src *pgxpool.Conn, cfg *queueConfig, st *sourceTable) error {
+	snap, err := src.BeginTx(ctx, pgx.TxOptions{IsoLevel: pgx.RepeatableRead, AccessMode: pgx.ReadWrite})
+	if err != nil {
+		return fmt.Errorf("repull %s: %w", r.dest, err)
+	}
+	defer func() { _ = snap.Rollback(context.WithoutCancel(ctx)) }()
+	q := cfg.Names.Queue.Sanitize()
+	// The first statement fixes the snapshot for the copy and the delete.
+	if _, err := snap.Exec(ctx, "SELECT 1 FROM "+q+" LIMIT 1"); err != nil {
+		return fmt.Errorf("repull %s: %w", r.dest, err)
+	}
+	err = withTx(ctx, r.dst, func(tx pgx.Tx) error {
+		d := r.dest.Sanitize()
+		cols := columnList(st.Columns)
+		if cfg.Type == "dml" {
+			if _, err := tx.Exec(ctx, "TRUNCATE "+d); err != nil {
+				return err
+			}
+		}
+		target := r.dest
+		if cfg.Type == "logdel" {
+			target = ident.Name{Schema: "pg_temp", Table: "mimeo_stage_rows"}
+			if _, err := tx.Exec(ctx, "CREATE TEMP TABLE "+ident.Quote("mimeo_stage_rows")+" ("+columnDefs(st.Columns)+") ON COMMIT DROP"); err != nil {
+				return err
+			}
+		}
+		rows, err := copyRows(ctx, snap.Conn().PgConn(), copyOutSQL(st, cfg.Condition), tx.Conn().PgConn(),
+			"COPY "+target.Sanitize()+" ("+cols+") FROM STDIN (FORMAT binary)")
+		if err != nil {
+			return err
+		}
+		if cfg.Type == "logdel" {
+			// Deletions still queued become history too; then every live key
+			// of the destination is reloaded.
+			deletedAt := ident.Quote(triggers.ColDeletedAt)
+			keys := quoteNames(cfg.PkField)
+			stageDel := ident.Quote("mimeo_stage_deleted")
+			if _, err := tx.Exec(ctx, "CREATE TEMP TABLE "+stageDel+" ("+columnDefs(unconstrained(st.Columns))+", "+deletedAt+" timestamptz) ON COMMIT DROP"); err != nil {
+				return err
+			}
+			if _, err := copyRows(ctx, snap.Conn().PgConn(),
+				"COPY (SELECT DISTINCT ON ("+keys+") "+cols+", "+deletedAt+" FROM "+q+" WHERE "+deletedAt+
+					" IS NOT NULL ORDER BY "+keys+", "+deletedAt+" DESC) TO STDOUT (FORMAT binary)",
+				tx.Conn().PgConn(), "COPY "+stageDel+" ("+cols+", "+deletedAt+") FROM STDIN (FORMAT binary)"); err != nil {
+				return err
+			}
+			if _, err := tx.Exec(ctx, "ANALYZE "+target.Sanitize()+"; ANALYZE "+stageDel); err != nil {
+				return err
+			}
+			// Every live row is in play.
+			if _, err := applyLogdel(ctx, tx, cfg, st, r.dest, "", target.Sanitize(), stageDel); err != nil {
+				return err
+			}
+		}
+		if _, err := tx.Exec(ctx, "UPDATE "+queueConfigTable(cfg.Type)+" SET last_run = $2 WHERE dest_table = $1", r.req.DestTable, r.started); err != nil {
+			return err
+		}
+		msg := fmt.Sprintf("re-pulled %d rows", rows)
+		r.note(ctx, "Repull", msg, false)
+		if err := a.fault(faultRepullBeforeCommit); err != nil {
+			return err
+		}
+		return r.complete(ctx, tx, rows, msg)
+	})
+	if err != nil {
+		return fmt.Errorf("repull %s: %w", r.dest, err)
+	}
+	// The entries this snapshot sees are in the reload; newer ones stay.
+	if _, err := snap.Exec(ctx, "DELETE FROM "+q); err != nil {
+		r.log.Warn("cannot remove queue entries covered by the repull; they will be replayed", "error", err)
+		return nil
+	}
+	if err := snap.Commit(ctx); err != nil {
+		r.log.Warn("cannot remove queue entries covered by the repull; they will be replayed", "error", err)
+	}
+	return nil
+}
+
+// execSourceArgs runs one statement in a read-write source transaction.
+func execSourceArgs(ctx context.Context, src *pgxpool.Conn, sql string, args ...any) error {
+	tx, err := beginWrite(ctx, src)
+	if err != nil {
+		return err
+	}
+	defer func() { _ = tx.Rollback(context.WithoutCancel(ctx)) }()
+	if _, err := tx.Exec(ctx, sql, args...); err != nil {
+		return err
+	}
+	return tx.Commit(ctx)
+}
+
+// plural is "1 batch" or "3 batches".
+func plural(n int, one, many string) string {
+	if n == 1 {
+		return "1 " + one
+	}
+	return strconv.Itoa(n) + " " + many
+}
