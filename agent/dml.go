@@ -36,20 +36,13 @@ func (a *Agent) makeQueued(ctx context.Context, r *run, typ string) error {
 		return err
 	}
 	fail := func(err error) error { return fmt.Errorf("%s_maker %s: %w", typ, r.dest, err) }
-	srcName, err := ident.Parse(args.SrcTable)
-	if err != nil {
-		return fail(fmt.Errorf("source table: %w", err))
-	}
-	ddl, desc, err := a.sources.acquire(ctx, r.dst, args.Dblink)
+	ddl, st, err := a.openSource(ctx, r, sourceSpec{Dblink: args.Dblink, Table: args.SrcTable,
+		Filter: args.Filter, Condition: args.Condition, Indexes: true})
 	if err != nil {
 		return fail(err)
 	}
 	defer ddl.Release()
-	r.note(ctx, "Connect to source", "connected to source "+desc, false)
-	st, err := describeSource(ctx, ddl, srcName, args.Filter, args.Condition, true)
-	if err != nil {
-		return fail(err)
-	}
+	srcName := st.Name
 	keys, keyTypes, err := updaterKey(st, args.PkField, args.PkType)
 	if err != nil {
 		return fail(err)

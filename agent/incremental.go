@@ -139,20 +139,11 @@ func (a *Agent) refreshIncremental(ctx context.Context, r *run, typ string) erro
 // fits the config: control column of the same kind, key columns present,
 // and every copied column present on the destination with the same type.
 func (a *Agent) openIncSource(ctx context.Context, r *run, cfg *incConfig) (*pgxpool.Conn, *sourceTable, error) {
-	srcName, err := ident.Parse(cfg.Source)
-	if err != nil {
-		return nil, nil, fmt.Errorf("refresh %s: source table: %w", r.dest, err)
-	}
-	src, desc, err := a.sources.acquire(ctx, r.dst, cfg.Dblink)
+	src, st, err := a.openSource(ctx, r, sourceSpec{Dblink: cfg.Dblink, Table: cfg.Source, Filter: cfg.Filter, Condition: cfg.Condition})
 	if err != nil {
 		return nil, nil, fmt.Errorf("refresh %s: %w", r.dest, err)
 	}
-	r.note(ctx, "Connect to source", "connected to source "+desc, false)
-	st, err := describeSource(ctx, src, srcName, cfg.Filter, cfg.Condition, false)
-	if err == nil {
-		err = checkIncColumns(ctx, r.dst, r.dest, st, cfg)
-	}
-	if err != nil {
+	if err := checkIncColumns(ctx, r.dst, r.dest, st, cfg); err != nil {
 		src.Release()
 		return nil, nil, fmt.Errorf("refresh %s: %w", r.dest, err)
 	}

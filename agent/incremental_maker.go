@@ -37,20 +37,12 @@ func (a *Agent) makeIncremental(ctx context.Context, r *run, typ string) error {
 		return err
 	}
 	fail := func(err error) error { return fmt.Errorf("%s_maker %s: %w", typ, r.dest, err) }
-	srcName, err := ident.Parse(args.SrcTable)
-	if err != nil {
-		return fail(fmt.Errorf("source table: %w", err))
-	}
-	src, desc, err := a.sources.acquire(ctx, r.dst, args.Dblink)
+	src, st, err := a.openSource(ctx, r, sourceSpec{Dblink: args.Dblink, Table: args.SrcTable,
+		Filter: args.Filter, Condition: args.Condition, Indexes: true})
 	if err != nil {
 		return fail(err)
 	}
 	defer src.Release()
-	r.note(ctx, "Connect to source", "connected to source "+desc, false)
-	st, err := describeSource(ctx, src, srcName, args.Filter, args.Condition, true)
-	if err != nil {
-		return fail(err)
-	}
 	kind, err := controlColumn(st, args.Control)
 	if err != nil {
 		return fail(err)

@@ -24,21 +24,12 @@ func (a *Agent) refreshQueued(ctx context.Context, r *run, typ string) error {
 	if err != nil {
 		return err
 	}
-	srcName, err := ident.Parse(cfg.Source)
-	if err != nil {
-		return fmt.Errorf("refresh %s: source table: %w", r.dest, err)
-	}
-	src, desc, err := a.sources.acquire(ctx, r.dst, cfg.Dblink)
+	src, st, err := a.openSource(ctx, r, sourceSpec{Dblink: cfg.Dblink, Table: cfg.Source, Filter: cfg.Filter, Condition: cfg.Condition})
 	if err != nil {
 		return fmt.Errorf("refresh %s: %w", r.dest, err)
 	}
 	defer src.Release()
-	r.note(ctx, "Connect to source", "connected to source "+desc, false)
-	st, err := describeSource(ctx, src, srcName, cfg.Filter, cfg.Condition, false)
-	if err == nil {
-		err = checkQueuedColumns(ctx, r, st, cfg)
-	}
-	if err != nil {
+	if err := checkQueuedColumns(ctx, r, st, cfg); err != nil {
 		return fmt.Errorf("refresh %s: %w", r.dest, err)
 	}
 	var queueExists bool

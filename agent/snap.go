@@ -108,20 +108,12 @@ func (a *Agent) makeSnap(ctx context.Context, r *run) error {
 	if err := r.args(&args); err != nil {
 		return err
 	}
-	srcName, err := ident.Parse(args.SrcTable)
-	if err != nil {
-		return fmt.Errorf("snapshot_maker: source table: %w", err)
-	}
-	src, desc, err := a.sources.acquire(ctx, r.dst, args.Dblink)
+	src, st, err := a.openSource(ctx, r, sourceSpec{Dblink: args.Dblink, Table: args.SrcTable,
+		Filter: args.Filter, Condition: args.Condition, Indexes: args.indexes()})
 	if err != nil {
 		return fmt.Errorf("snapshot_maker %s: %w", r.dest, err)
 	}
 	defer src.Release()
-	r.note(ctx, "Connect to source", "connected to source "+desc, false)
-	st, err := describeSource(ctx, src, srcName, args.Filter, args.Condition, args.indexes())
-	if err != nil {
-		return fmt.Errorf("snapshot_maker %s: %w", r.dest, err)
-	}
 	snap1, snap2 := snapTables(r.dest)
 	return withTx(ctx, r.dst, func(tx pgx.Tx) error {
 		if err := checkNewDestination(ctx, tx, r.dest); err != nil {
@@ -164,23 +156,15 @@ func (a *Agent) refreshSnap(ctx context.Context, r *run) error {
 	if err != nil {
 		return err
 	}
-	srcName, err := ident.Parse(cfg.Source)
-	if err != nil {
-		return fmt.Errorf("refresh %s: source table: %w", r.dest, err)
-	}
-	src, desc, err := a.sources.acquire(ctx, r.dst, cfg.Dblink)
+	condition := deref(cfg.Condition)
+	// The counters are read before the copy, so writes during the copy
+	// count as changes for the next run.
+	src, st, err := a.openSource(ctx, r, sourceSpec{Dblink: cfg.Dblink, Table: cfg.Source,
+		Filter: cfg.Filter, Condition: condition, Indexes: cfg.Indexes})
 	if err != nil {
 		return fmt.Errorf("refresh %s: %w", r.dest, err)
 	}
 	defer src.Release()
-	r.note(ctx, "Connect to source", "connected to source "+desc, false)
-	condition := deref(cfg.Condition)
-	// The counters are read before the copy, so writes during the copy
-	// count as changes for the next run.
-	st, err := describeSource(ctx, src, srcName, cfg.Filter, condition, cfg.Indexes)
-	if err != nil {
-		return fmt.Errorf("refresh %s: %w", r.dest, err)
-	}
 	snap1, snap2 := snapTables(r.dest)
 	return withTx(ctx, r.dst, func(tx pgx.Tx) error {
 		active, idle, err := activeSnap(ctx, tx, r.dest, snap1, snap2)

@@ -10,6 +10,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 
+	"github.com/mimeo-dev/mimeo/internal/ident"
 	"github.com/mimeo-dev/mimeo/queue"
 )
 
@@ -110,4 +111,34 @@ func (s *sources) close() {
 		sp.pool.Close()
 		delete(s.pools, id)
 	}
+}
+
+// sourceSpec is what a run reads: a dblink_mapping id and a table, with
+// its filter and condition.
+type sourceSpec struct {
+	Dblink    int
+	Table     string // schema-qualified, as mimeo stores it
+	Filter    []string
+	Condition string
+	Indexes   bool // also read the table's indexes
+}
+
+// openSource connects to a run's source and describes its table; the
+// caller releases the connection.
+func (a *Agent) openSource(ctx context.Context, r *run, s sourceSpec) (*pgxpool.Conn, *sourceTable, error) {
+	name, err := ident.Parse(s.Table)
+	if err != nil {
+		return nil, nil, fmt.Errorf("source table: %w", err)
+	}
+	src, desc, err := a.sources.acquire(ctx, r.dst, s.Dblink)
+	if err != nil {
+		return nil, nil, err
+	}
+	r.note(ctx, "Connect to source", "connected to source "+desc, false)
+	st, err := describeSource(ctx, src, name, s.Filter, s.Condition, s.Indexes)
+	if err != nil {
+		src.Release()
+		return nil, nil, err
+	}
+	return src, st, nil
 }

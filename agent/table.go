@@ -6,8 +6,6 @@ import (
 	"fmt"
 
 	"github.com/jackc/pgx/v5"
-
-	"github.com/mimeo-dev/mimeo/internal/ident"
 )
 
 // The table type truncates and reloads an ordinary table in one
@@ -42,20 +40,12 @@ func (a *Agent) makeTable(ctx context.Context, r *run) error {
 	if err := r.args(&args); err != nil {
 		return err
 	}
-	srcName, err := ident.Parse(args.SrcTable)
-	if err != nil {
-		return fmt.Errorf("table_maker: source table: %w", err)
-	}
-	src, desc, err := a.sources.acquire(ctx, r.dst, args.Dblink)
+	src, st, err := a.openSource(ctx, r, sourceSpec{Dblink: args.Dblink, Table: args.SrcTable,
+		Filter: args.Filter, Condition: args.Condition, Indexes: args.indexes()})
 	if err != nil {
 		return fmt.Errorf("table_maker %s: %w", r.dest, err)
 	}
 	defer src.Release()
-	r.note(ctx, "Connect to source", "connected to source "+desc, false)
-	st, err := describeSource(ctx, src, srcName, args.Filter, args.Condition, args.indexes())
-	if err != nil {
-		return fmt.Errorf("table_maker %s: %w", r.dest, err)
-	}
 	return withTx(ctx, r.dst, func(tx pgx.Tx) error {
 		if err := checkNewDestination(ctx, tx, r.dest); err != nil {
 			return fmt.Errorf("table_maker %s: %w", r.dest, err)
@@ -91,20 +81,11 @@ func (a *Agent) refreshTable(ctx context.Context, r *run) error {
 	if err != nil {
 		return fmt.Errorf("read config of %s: %w", r.req.DestTable, err)
 	}
-	srcName, err := ident.Parse(source)
-	if err != nil {
-		return fmt.Errorf("refresh %s: source table: %w", r.dest, err)
-	}
-	src, desc, err := a.sources.acquire(ctx, r.dst, dblink)
+	src, st, err := a.openSource(ctx, r, sourceSpec{Dblink: dblink, Table: source, Filter: filter, Condition: deref(condition)})
 	if err != nil {
 		return fmt.Errorf("refresh %s: %w", r.dest, err)
 	}
 	defer src.Release()
-	r.note(ctx, "Connect to source", "connected to source "+desc, false)
-	st, err := describeSource(ctx, src, srcName, filter, deref(condition), false)
-	if err != nil {
-		return fmt.Errorf("refresh %s: %w", r.dest, err)
-	}
 	return withTx(ctx, r.dst, func(tx pgx.Tx) error {
 		current, err := relationColumns(ctx, tx, r.dest)
 		if err != nil {
