@@ -106,3 +106,32 @@ func TestKeysMustBeNotNullAndStay(t *testing.T) {
 	e.done(`SELECT mimeo.refresh_dml('public.k')`)
 	e.requireSame("public.k", "public.k")
 }
+
+// Odd names everywhere: schema, table, control and key columns.
+func TestIncrementalAndDMLOddNames(t *testing.T) {
+	t.Parallel()
+	e := setup(t)
+	tbl := `"My Schema"."Events; DROP TABLE x"`
+	for _, q := range []string{
+		`CREATE SCHEMA "My Schema"`,
+		`CREATE TABLE ` + tbl + ` ("Event ID" bigint PRIMARY KEY, "Created At" timestamptz NOT NULL, "select" text)`,
+		`INSERT INTO ` + tbl + ` SELECT g, '2024-01-01 00:00+00'::timestamptz + g * interval '1 second', 'it''s ' || g FROM generate_series(1, 50) g`,
+		`GRANT USAGE ON SCHEMA "My Schema" TO ` + replRole,
+	} {
+		e.exec(e.app, q)
+	}
+	e.prepareTriggers(tbl)
+	e.exec(e.dst, `CREATE SCHEMA "My Schema"`)
+	e.startAgent(e.config())
+	e.done(`SELECT mimeo.updater_maker($1, 'Created At', $2, p_boundary => '0', p_dest_table => '"My Schema"."Upd"')`, tbl, e.dblink)
+	e.done(`SELECT mimeo.dml_maker($1, $2, '"My Schema"."Dml"')`, tbl, e.dblink)
+	e.exec(e.app, `UPDATE `+tbl+` SET "select" = 'changed', "Created At" = '2025-01-01 00:00+00' WHERE "Event ID" <= 5`)
+	e.exec(e.app, `DELETE FROM `+tbl+` WHERE "Event ID" = 50`)
+	e.done(`SELECT mimeo.refresh_updater('"My Schema"."Upd"')`)
+	e.done(`SELECT mimeo.refresh_dml('"My Schema"."Dml"')`)
+	e.requireSame(tbl, `"My Schema"."Dml"`)
+	require.Equal(t, checksum(t, e.ctx, e.src, `(SELECT * FROM `+tbl+` UNION ALL SELECT 50, '2024-01-01 00:00+00'::timestamptz + 50 * interval '1 second', 'it''s 50')`),
+		checksum(t, e.ctx, e.dst, `"My Schema"."Upd"`), "the updater keeps rows deleted on the source")
+	e.done(`SELECT mimeo.dml_destroyer('"My Schema"."Dml"')`)
+	e.done(`SELECT mimeo.updater_destroyer('"My Schema"."Upd"')`)
+}
