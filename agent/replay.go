@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"strconv"
+	"strings"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
@@ -52,7 +53,7 @@ func (a *Agent) refreshQueued(ctx context.Context, r *run, typ string) error {
 		// Each batch has a token of its own: a run only ever removes the
 		// entries it claimed itself.
 		token := rand.Int64N(1<<62) + 1
-		claimed, err := claimBatch(ctx, src, cfg, limit, token)
+		claimed, err := claimBatch(ctx, src, cfg, limit, token, batches == 0)
 		if err != nil {
 			return fmt.Errorf("refresh %s: claim queued changes: %w", r.dest, err)
 		}
@@ -123,7 +124,8 @@ func checkQueuedColumns(ctx context.Context, r *run, st *sourceTable, cfg *queue
 // claimBatch gives up to limit unclaimed queue entries the batch's token,
 // unless entries claimed by an earlier, interrupted run are left (those go
 // first, under the new token), and returns how many it claimed.
-func claimBatch(ctx context.Context, src *pgxpool.Conn, cfg *queueConfig, limit int, token int64) (int64, error) {
+// leftovers asks to look for them (once per run: a run leaves none).
+func claimBatch(ctx context.Context, src *pgxpool.Conn, cfg *queueConfig, limit int, token int64, leftovers bool) (int64, error) {
 	q := cfg.Names.Queue.Sanitize()
 	claimed := ident.Quote(triggers.ColClaimed)
 	tx, err := beginWrite(ctx, src)
@@ -131,11 +133,14 @@ func claimBatch(ctx context.Context, src *pgxpool.Conn, cfg *queueConfig, limit 
 		return 0, err
 	}
 	defer func() { _ = tx.Rollback(context.WithoutCancel(ctx)) }()
-	tag, err := tx.Exec(ctx, "UPDATE "+q+" SET "+claimed+" = $1 WHERE "+claimed+" IS NOT NULL", token)
-	if err != nil {
-		return 0, err
+	var n int64
+	if leftovers {
+		tag, err := tx.Exec(ctx, "UPDATE "+q+" SET "+claimed+" = $1 WHERE "+claimed+" IS NOT NULL", token)
+		if err != nil {
+			return 0, err
+		}
+		n = tag.RowsAffected()
 	}
-	n := tag.RowsAffected()
 	if n == 0 {
 		// The queue has no key of its own: entries are claimed by row
 		// address, in no particular order (the source's current rows are
@@ -151,65 +156,67 @@ func claimBatch(ctx context.Context, src *pgxpool.Conn, cfg *queueConfig, limit 
 }
 
 // sqlKeyedJoins makes the keyed deletes of a batch use the destination's
-// key index: with the default costs the planner likes to hash the staged
-// keys and scan the whole table instead, a cost that grows with the table
-// rather than with the batch.
+// key index: with the default costs (and staging tables never analyzed)
+// the planner likes to hash the staged keys and scan the whole table
+// instead, a cost that grows with the table rather than with the batch.
 const sqlKeyedJoins = `SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off`
 
 // sqlAnyJoins undoes sqlKeyedJoins for what follows in the transaction.
 const sqlAnyJoins = `SET LOCAL enable_hashjoin = on; SET LOCAL enable_mergejoin = on`
 
+// presentColumn marks, in the staging table, a claimed key whose row the
+// source still has (the other columns are NULL when it does not).
+const presentColumn = "mimeo_present"
+
 // applyQueued applies a claimed batch inside the destination's tx: delete
 // its keys and insert the source's current rows for them (logdel: and the
-// last values of rows deleted on the source, marked deleted).
+// last values of rows deleted on the source, marked deleted). One COPY
+// brings each claimed key with its current row, if any, so the queue is
+// read once per batch.
 func applyQueued(ctx context.Context, tx pgx.Tx, src *pgxpool.Conn, cfg *queueConfig, st *sourceTable, dest ident.Name, token int64) (int64, error) {
 	q := cfg.Names.Queue.Sanitize()
 	mine := ident.Quote(triggers.ColClaimed) + " = " + strconv.FormatInt(token, 10)
 	keys := quoteNames(cfg.PkField)
 	cols := columnList(st.Columns)
-	stageKeys, stageRows := ident.Quote("mimeo_stage_keys"), ident.Quote("mimeo_stage_rows")
-	keyDefs := make([]column, len(cfg.PkField))
-	for i, k := range cfg.PkField {
-		keyDefs[i] = st.Columns[indexOfColumn(st.Columns, k)]
-	}
-	for _, stmt := range []string{
-		"CREATE TEMP TABLE " + stageKeys + " (" + columnDefs(unconstrained(keyDefs)) + ") ON COMMIT DROP",
-		"CREATE TEMP TABLE " + stageRows + " (" + columnDefs(st.Columns) + ") ON COMMIT DROP",
-	} {
-		if _, err := tx.Exec(ctx, stmt); err != nil {
-			return 0, fmt.Errorf("create staging table: %w", err)
+	stage := ident.Quote("mimeo_stage_rows")
+	present := ident.Quote(presentColumn)
+	// Key columns from the queue, the others from the source row.
+	var picks []string
+	for _, c := range st.Columns {
+		if containsString(cfg.PkField, c.Name) {
+			picks = append(picks, "k."+ident.Quote(c.Name))
+		} else {
+			picks = append(picks, "t."+ident.Quote(c.Name))
 		}
 	}
-	// The claimed keys, then the source's rows for them, as they are now.
-	if _, err := copyRows(ctx, src.Conn().PgConn(),
-		"COPY (SELECT DISTINCT "+keys+" FROM "+q+" WHERE "+mine+") TO STDOUT (FORMAT binary)",
-		tx.Conn().PgConn(), "COPY "+stageKeys+" ("+keys+") FROM STDIN (FORMAT binary, FREEZE)"); err != nil {
-		return 0, fmt.Errorf("copy queued keys: %w", err)
-	}
-	where := "WHERE (" + keysOf("t", cfg.PkField) + ") IN (SELECT " + keys + " FROM " + q + " WHERE " + mine + ")"
+	on := keyMatch(cfg.PkField, "t", "k")
 	if cfg.Condition != "" {
-		where += " AND " + whereClause(cfg.Condition)[len("WHERE "):]
+		on += " AND " + whereClause(cfg.Condition)[len("WHERE "):]
 	}
-	rows, err := copyRows(ctx, src.Conn().PgConn(),
-		"COPY (SELECT "+prefixed("t", st.Columns)+" FROM "+st.Name.Sanitize()+" t "+where+") TO STDOUT (FORMAT binary)",
-		tx.Conn().PgConn(), "COPY "+stageRows+" ("+cols+") FROM STDIN (FORMAT binary, FREEZE)")
-	if err != nil {
-		return 0, fmt.Errorf("copy current rows: %w", err)
+	if _, err := tx.Exec(ctx, "CREATE TEMP TABLE "+stage+" ("+columnDefs(unconstrained(st.Columns))+", "+present+" boolean) ON COMMIT DROP"); err != nil {
+		return 0, fmt.Errorf("create staging table: %w", err)
 	}
-	if _, err := tx.Exec(ctx, "ANALYZE "+stageKeys+"; ANALYZE "+stageRows); err != nil {
-		return 0, fmt.Errorf("analyze staging tables: %w", err)
+	if _, err := copyRows(ctx, src.Conn().PgConn(),
+		"COPY (SELECT "+strings.Join(picks, ", ")+", t."+ident.Quote(cfg.PkField[0])+" IS NOT NULL"+
+			" FROM (SELECT DISTINCT "+keys+" FROM "+q+" WHERE "+mine+") k"+
+			" LEFT JOIN "+st.Name.Sanitize()+" t ON "+on+") TO STDOUT (FORMAT binary)",
+		tx.Conn().PgConn(), "COPY "+stage+" ("+cols+", "+present+") FROM STDIN (FORMAT binary, FREEZE)"); err != nil {
+		return 0, fmt.Errorf("copy queued keys and current rows: %w", err)
 	}
 	d := dest.Sanitize()
 	if cfg.Type == "dml" {
 		if err := execAll(ctx, tx, "apply", []string{
 			sqlKeyedJoins,
-			"DELETE FROM " + d + " d USING " + stageKeys + " k WHERE " + keyMatch(cfg.PkField, "d", "k"),
+			"DELETE FROM " + d + " d USING " + stage + " k WHERE " + keyMatch(cfg.PkField, "d", "k"),
 			sqlAnyJoins,
-			"INSERT INTO " + d + " (" + cols + ") SELECT " + cols + " FROM " + stageRows,
 		}); err != nil {
 			return 0, err
 		}
-		return rows, nil
+		tag, err := tx.Exec(ctx, "INSERT INTO "+d+" ("+cols+") SELECT "+cols+" FROM "+stage+" WHERE "+present)
+		if err != nil {
+			return 0, fmt.Errorf("apply: %w", err)
+		}
+		return tag.RowsAffected(), nil
 	}
 
 	// logdel: the last deletion queued for each key of the batch.
@@ -224,28 +231,32 @@ func applyQueued(ctx context.Context, tx pgx.Tx, src *pgxpool.Conn, cfg *queueCo
 		tx.Conn().PgConn(), "COPY "+stageDel+" ("+cols+", "+deletedAt+") FROM STDIN (FORMAT binary, FREEZE)"); err != nil {
 		return 0, fmt.Errorf("copy deleted rows: %w", err)
 	}
-	deleted, err := applyLogdel(ctx, tx, cfg, st, dest, stageKeys, stageRows, stageDel)
-	return rows + deleted, err
+	return applyLogdel(ctx, tx, cfg, st, dest, stage, stageDel, false)
 }
 
-// applyLogdel applies a logdel batch from its staging tables: live rows
-// replace their keys; a key no longer live on the source is kept with its
-// last values and the time of its deletion.
-// stageKeys "" means every live row is in play (a repull), where hashing
-// beats one index probe per key.
-func applyLogdel(ctx context.Context, tx pgx.Tx, cfg *queueConfig, st *sourceTable, dest ident.Name, stageKeys, stageRows, stageDel string) (int64, error) {
+// applyLogdel applies a logdel batch from its staging tables (stage: every
+// key in play, with its live row where presentColumn is true; stageDel: the
+// last deletion of keys): live rows replace their keys; a key no longer
+// live on the source is kept with its last values and the time of its
+// deletion. everyLive is a repull, where every live destination row is in
+// play.
+func applyLogdel(ctx context.Context, tx pgx.Tx, cfg *queueConfig, st *sourceTable, dest ident.Name, stage, stageDel string, everyLive bool) (int64, error) {
 	d := dest.Sanitize()
 	cols := columnList(st.Columns)
 	deletedAt := ident.Quote(triggers.ColDeletedAt)
 	marked := ident.Quote(deletedColumn)
-	joins, liveGo := sqlKeyedJoins, "DELETE FROM "+d+" d USING "+stageKeys+" k WHERE "+keyMatch(cfg.PkField, "d", "k")+" AND d."+marked+" IS NULL"
-	if stageKeys == "" {
-		joins, liveGo = sqlAnyJoins, "DELETE FROM "+d+" WHERE "+marked+" IS NULL"
+	present := ident.Quote(presentColumn)
+	liveGo := "DELETE FROM " + d + " d USING " + stage + " k WHERE " + keyMatch(cfg.PkField, "d", "k") + " AND d." + marked + " IS NULL"
+	if everyLive {
+		liveGo = "DELETE FROM " + d + " WHERE " + marked + " IS NULL"
 	}
 	steps := []string{
-		joins,
+		// Between the two staging tables, hashing is right.
+		sqlAnyJoins,
 		// Live on the source again: not deleted.
-		"DELETE FROM " + stageDel + " x USING " + stageRows + " r WHERE " + keyMatch(cfg.PkField, "x", "r"),
+		"DELETE FROM " + stageDel + " x USING " + stage + " r WHERE " + keyMatch(cfg.PkField, "x", "r") + " AND r." + present,
+		// Against the destination, its key index is.
+		sqlKeyedJoins,
 		// A deletion older than the one already recorded changes nothing.
 		"DELETE FROM " + stageDel + " x USING " + d + " d WHERE " + keyMatch(cfg.PkField, "x", "d") +
 			" AND d." + marked + " >= x." + deletedAt,
@@ -256,23 +267,36 @@ func applyLogdel(ctx context.Context, tx pgx.Tx, cfg *queueConfig, st *sourceTab
 		steps = append(steps, "DELETE FROM "+stageDel+" x WHERE NOT EXISTS (SELECT 1 FROM "+d+" d WHERE "+keyMatch(cfg.PkField, "d", "x")+")")
 	}
 	steps = append(steps,
-		// Every live row of the batch's keys goes: it is replaced below by
+		// Every live row of the keys in play goes: it is replaced below by
 		// the source's row, or marked deleted, or (no longer matching the
 		// condition, or an old key) simply leaves.
 		liveGo,
-		"DELETE FROM "+d+" d USING "+stageRows+" r WHERE "+keyMatch(cfg.PkField, "d", "r"),
+		"DELETE FROM "+d+" d USING "+stage+" r WHERE "+keyMatch(cfg.PkField, "d", "r")+" AND r."+present,
 		"DELETE FROM "+d+" d USING "+stageDel+" x WHERE "+keyMatch(cfg.PkField, "d", "x"),
 		sqlAnyJoins,
-		"INSERT INTO "+d+" ("+cols+") SELECT "+cols+" FROM "+stageRows,
 	)
 	if err := execAll(ctx, tx, "apply", steps); err != nil {
 		return 0, err
 	}
-	tag, err := tx.Exec(ctx, "INSERT INTO "+d+" ("+cols+", "+marked+") SELECT "+cols+", "+deletedAt+" FROM "+stageDel)
+	live, err := tx.Exec(ctx, "INSERT INTO "+d+" ("+cols+") SELECT "+cols+" FROM "+stage+" WHERE "+present)
 	if err != nil {
 		return 0, fmt.Errorf("apply: %w", err)
 	}
-	return tag.RowsAffected(), nil
+	gone, err := tx.Exec(ctx, "INSERT INTO "+d+" ("+cols+", "+marked+") SELECT "+cols+", "+deletedAt+" FROM "+stageDel)
+	if err != nil {
+		return 0, fmt.Errorf("apply: %w", err)
+	}
+	return live.RowsAffected() + gone.RowsAffected(), nil
+}
+
+// containsString reports whether list holds s.
+func containsString(list []string, s string) bool {
+	for _, x := range list {
+		if x == s {
+			return true
+		}
+	}
+	return false
 }
 
 // repullQueued reloads the table at one snapshot of the source, then
@@ -301,7 +325,8 @@ func (a *Agent) repullQueued(ctx context.Context, r *run, src *pgxpool.Conn, cfg
 		target := r.dest
 		if cfg.Type == "logdel" {
 			target = ident.Name{Schema: "pg_temp", Table: "mimeo_stage_rows"}
-			if _, err := tx.Exec(ctx, "CREATE TEMP TABLE "+ident.Quote("mimeo_stage_rows")+" ("+columnDefs(st.Columns)+") ON COMMIT DROP"); err != nil {
+			if _, err := tx.Exec(ctx, "CREATE TEMP TABLE "+ident.Quote("mimeo_stage_rows")+" ("+columnDefs(st.Columns)+", "+
+				ident.Quote(presentColumn)+" boolean NOT NULL DEFAULT true) ON COMMIT DROP"); err != nil {
 				return err
 			}
 		}
@@ -328,8 +353,7 @@ func (a *Agent) repullQueued(ctx context.Context, r *run, src *pgxpool.Conn, cfg
 			if _, err := tx.Exec(ctx, "ANALYZE "+target.Sanitize()+"; ANALYZE "+stageDel); err != nil {
 				return err
 			}
-			// Every live row is in play.
-			if _, err := applyLogdel(ctx, tx, cfg, st, r.dest, "", target.Sanitize(), stageDel); err != nil {
+			if _, err := applyLogdel(ctx, tx, cfg, st, r.dest, target.Sanitize(), stageDel, true); err != nil {
 				return err
 			}
 		}
