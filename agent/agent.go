@@ -93,7 +93,7 @@ func (a *Agent) checkSchema(ctx context.Context) error {
 	err := a.pool.QueryRow(ctx, `
 SELECT coalesce((SELECT extversion FROM pg_catalog.pg_extension WHERE extname = 'mimeo'),
                 (SELECT max(version) FROM mimeo.schema_version))`).Scan(&version)
-	if err != nil && !hasCode(err, "42P01") && !hasCode(err, "3F000") {
+	if err != nil && !hasCode(err, codeUndefinedTable) && !hasCode(err, codeInvalidSchemaName) {
 		return fmt.Errorf("check mimeo schema: %w", err)
 	}
 	if version != mimeosql.Version {

@@ -27,10 +27,11 @@ var (
 	errTakenOver = errors.New("request was taken over by another agent while running; rolled back")
 )
 
-// SQLSTATEs the agent reacts to.
+// SQLSTATEs the agent reacts to, all in one place.
 const (
-	codeUndefinedColumn       = "42703"
-	codeInsufficientPrivilege = "42501"
+	codeLockNotAvailable  = "55P03" // lock_timeout ran out
+	codeUndefinedTable    = "42P01"
+	codeInvalidSchemaName = "3F000"
 )
 
 // hasCode reports whether err wraps a PostgreSQL error with that SQLSTATE.

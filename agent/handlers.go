@@ -1,7 +1,5 @@
 package agent
 
-import "context"
-
 // registerHandlers maps request actions to the code that runs them; the
 // SQL functions name these actions when they enqueue.
 func (a *Agent) registerHandlers() map[string]handler {
@@ -18,11 +16,11 @@ func (a *Agent) registerHandlers() map[string]handler {
 		"updater_maker":      {job: "Updater Maker", run: a.makeUpdater},
 		"refresh_updater":    {job: "Refresh Updater", run: a.refreshUpdater},
 		"updater_destroyer":  {job: "Updater Destroyer", run: a.destroyTable},
-		"dml_maker":          {job: "DML Maker", run: func(ctx context.Context, r *run) error { return a.makeQueued(ctx, r, "dml") }},
-		"refresh_dml":        {job: "Refresh DML", run: func(ctx context.Context, r *run) error { return a.refreshQueued(ctx, r, "dml") }},
-		"dml_destroyer":      {job: "DML Destroyer", run: func(ctx context.Context, r *run) error { return a.destroyQueued(ctx, r, "dml") }},
-		"logdel_maker":       {job: "Logdel Maker", run: func(ctx context.Context, r *run) error { return a.makeQueued(ctx, r, "logdel") }},
-		"refresh_logdel":     {job: "Refresh Logdel", run: func(ctx context.Context, r *run) error { return a.refreshQueued(ctx, r, "logdel") }},
-		"logdel_destroyer":   {job: "Logdel Destroyer", run: func(ctx context.Context, r *run) error { return a.destroyQueued(ctx, r, "logdel") }},
+		"dml_maker":          {job: "DML Maker", run: a.makeDML},
+		"refresh_dml":        {job: "Refresh DML", run: a.refreshDML},
+		"dml_destroyer":      {job: "DML Destroyer", run: a.destroyDML},
+		"logdel_maker":       {job: "Logdel Maker", run: a.makeLogdel},
+		"refresh_logdel":     {job: "Refresh Logdel", run: a.refreshLogdel},
+		"logdel_destroyer":   {job: "Logdel Destroyer", run: a.destroyLogdel},
 	}
 }

@@ -128,7 +128,7 @@ func lockTable(ctx context.Context, conn *pgxpool.Conn, dest string) (bool, erro
 		_, err := tx.Exec(ctx, sqlTableLock, dest)
 		return err
 	})
-	if hasCode(err, "55P03") {
+	if hasCode(err, codeLockNotAvailable) {
 		return false, nil
 	}
 	return err == nil, err

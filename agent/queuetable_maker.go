@@ -1,0 +1,257 @@
+package agent
+
+import (
+	"context"
+	"fmt"
+	"strings"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/mimeo-dev/mimeo/internal/ident"
+	"github.com/mimeo-dev/mimeo/triggers"
+)
+
+// queueMakerArgs are the arguments of dml_maker / logdel_maker.
+type queueMakerArgs struct {
+	makerArgs
+	PkField []string `json:"pk_field"`
+	PkType  []string `json:"pk_type"`
+}
+
+// Fault points a test can stop a run at (Config.FaultHook).
+const (
+	faultAfterDestCommit    = "after destination commit"
+	faultRepullBeforeCommit = "repull before destination commit"
+)
+
+// makeQueued sets up dml or logdel replication. The triggers and the
+// initial copy meet at one consistent point: one source session creates the
+// triggers (their locks wait for writers in flight) and exports a snapshot
+// taken after that; a second session copies the table in that snapshot.
+// Writes before it are in the copy, writes after it wait for the triggers
+// and are queued: none is lost, none applied twice.
+func (a *Agent) makeQueued(ctx context.Context, r *run, typ string) error {
+	var args queueMakerArgs
+	if err := r.args(&args); err != nil {
+		return err
+	}
+	fail := func(err error) error { return fmt.Errorf("%s_maker %s: %w", typ, r.dest, err) }
+	ddl, st, err := a.openSource(ctx, r, sourceSpec{Dblink: args.Dblink, Table: args.SrcTable,
+		Filter: args.Filter, Condition: args.Condition, Indexes: true})
+	if err != nil {
+		return fail(err)
+	}
+	defer ddl.Release()
+	srcName := st.Name
+	keys, keyTypes, err := updaterKey(st, args.PkField, args.PkType)
+	if err != nil {
+		return fail(err)
+	}
+	if err := checkSourceSide(ctx, ddl, srcName); err != nil {
+		return fail(err)
+	}
+	var instance string
+	if err := r.dst.QueryRow(ctx, `SELECT id FROM mimeo.instance`).Scan(&instance); err != nil {
+		return fail(fmt.Errorf("read mimeo.instance: %w", err))
+	}
+	spec := triggers.Spec{Source: srcName, Logdel: typ == "logdel", Tag: triggers.Tag(instance, r.req.DestTable)}
+	for i, k := range keys {
+		spec.Keys = append(spec.Keys, triggers.Column{Name: k, Type: keyTypeOf(st, k, keyTypes[i])})
+	}
+	for _, c := range st.Columns {
+		spec.Columns = append(spec.Columns, triggers.Column{Name: c.Name, Type: c.Type})
+	}
+	if err := spec.Validate(); err != nil {
+		return fail(err)
+	}
+	if typ == "logdel" && containsColumn(st.Columns, deletedColumn) {
+		return fail(fmt.Errorf("source column %q clashes with the column logdel adds; leave it out with p_filter", deletedColumn))
+	}
+	names := spec.Names()
+	// The source objects are named after this destination table: check it
+	// is free before touching them (the table lock keeps it free).
+	if err := withTx(ctx, r.dst, func(tx pgx.Tx) error { return checkNewDestination(ctx, tx, r.dest) }); err != nil {
+		return fail(err)
+	}
+	// Both source sessions are at hand before any lock is taken.
+	cp, _, err := a.sources.acquire(ctx, r.dst, args.Dblink)
+	if err != nil {
+		return fail(err)
+	}
+	defer cp.Release()
+
+	// Session one: the triggers, then the snapshot.
+	trig, err := beginWrite(ctx, ddl)
+	if err != nil {
+		return fail(err)
+	}
+	defer func() { _ = trig.Rollback(context.WithoutCancel(ctx)) }()
+	// The trigger DDL locks the source table against writes: never queue
+	// the application behind a long wait for that lock.
+	if _, err := trig.Exec(ctx, sqlDDLLockTimeout); err != nil {
+		return fail(err)
+	}
+	// A maker retried after a crash finds its own leftovers: replace them.
+	if err := execAll(ctx, trig, "create source objects", append(names.Drop(), spec.Create()...)); err != nil {
+		return fail(lockHint(err))
+	}
+	var snapshot string
+	if err := trig.QueryRow(ctx, `SELECT pg_export_snapshot()`).Scan(&snapshot); err != nil {
+		return fail(fmt.Errorf("export snapshot: %w", err))
+	}
+	// Session two: the copy, in that snapshot.
+	snap, err := cp.BeginTx(ctx, pgx.TxOptions{IsoLevel: pgx.RepeatableRead, AccessMode: pgx.ReadOnly})
+	if err != nil {
+		return fail(err)
+	}
+	defer func() { _ = snap.Rollback(context.WithoutCancel(ctx)) }()
+	if _, err := snap.Exec(ctx, "SET TRANSACTION SNAPSHOT "+quoteLiteral(snapshot)); err != nil {
+		return fail(fmt.Errorf("import snapshot: %w", err))
+	}
+	if err := trig.Commit(ctx); err != nil {
+		return fail(fmt.Errorf("commit source objects: %w", err))
+	}
+	r.note(ctx, "Create source objects", fmt.Sprintf("queue %s, function %s, triggers %s",
+		names.Queue, names.Function, strings.Join(names.Triggers(), ", ")), false)
+
+	err = withTx(ctx, r.dst, func(tx pgx.Tx) error {
+		if err := checkNewDestination(ctx, tx, r.dest); err != nil {
+			return err
+		}
+		rows, err := r.load(ctx, tx, loadSpec{src: cp, table: st, condition: args.Condition, target: r.dest,
+			create: true, pull: args.pull(), indexes: args.indexes()})
+		if err != nil {
+			return err
+		}
+		if typ == "logdel" {
+			if _, err := tx.Exec(ctx, "ALTER TABLE "+r.dest.Sanitize()+" ADD COLUMN "+ident.Quote(deletedColumn)+" timestamptz"); err != nil {
+				return fmt.Errorf("add %s: %w", deletedColumn, err)
+			}
+		}
+		if err := ensureKeyIndex(ctx, tx, r.dest, keys); err != nil {
+			return err
+		}
+		if _, err := tx.Exec(ctx, `INSERT INTO `+queueConfigTable(typ)+`
+    (dest_table, type, dblink, source_table, filter, condition, create_indexes, last_run,
+     pk_field, pk_type, queue_table, trigger_function, triggers)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)`,
+			r.req.DestTable, typ, args.Dblink, args.SrcTable, nullIfEmpty(args.Filter), nullString(args.Condition),
+			args.indexes(), lastRun(args.pull(), r), keys, keyTypes, names.Queue.String(), names.Function.String(),
+			names.Triggers()); err != nil {
+			return fmt.Errorf("record config: %w", err)
+		}
+		return r.complete(ctx, tx, rows, fmt.Sprintf("created %s and the source's queue %s; copied %d rows", r.dest, names.Queue, rows))
+	})
+	if err != nil {
+		// Leave nothing half-created on the source either.
+		if derr := execSource(context.WithoutCancel(ctx), ddl, append([]string{sqlDDLLockTimeout}, names.Drop()...)); derr != nil {
+			r.log.Warn("cannot remove the source objects of a failed maker", "error", derr)
+		}
+		return fail(err)
+	}
+	return nil
+}
+
+// sqlDDLLockTimeout bounds how long source DDL waits for its table lock.
+const sqlDDLLockTimeout = `SET LOCAL lock_timeout = '10s'`
+
+// lockHint explains a lock timeout of source DDL.
+func lockHint(err error) error {
+	if hasCode(err, codeLockNotAvailable) {
+		return fmt.Errorf("%w (a long transaction holds the source table; retry when it has ended)", err)
+	}
+	return err
+}
+
+// destroyQueued removes the source objects this table's config names, then
+// the config and (unless ARCHIVE) the destination table.
+func (a *Agent) destroyQueued(ctx context.Context, r *run, typ string) error {
+	cfg, err := loadQueueConfig(ctx, r.dst, typ, r.req.DestTable)
+	if err != nil {
+		return err
+	}
+	src, _, err := a.sources.acquire(ctx, r.dst, cfg.Dblink)
+	if err != nil {
+		return fmt.Errorf("%s_destroyer %s: %w (the source objects must be removed first; fix the connection and retry)", typ, r.dest, err)
+	}
+	defer src.Release()
+	if err := execSource(ctx, src, append([]string{sqlDDLLockTimeout}, cfg.Names.Drop()...)); err != nil {
+		return fmt.Errorf("%s_destroyer %s: remove source objects: %w", typ, r.dest, lockHint(err))
+	}
+	r.note(ctx, "Remove source objects", "removed "+cfg.Names.Queue.String()+", "+cfg.Names.Function.String()+" and the triggers", false)
+	return a.destroyTable(ctx, r)
+}
+
+// fault lets a test stop a run at a named point (Config.FaultHook).
+func (a *Agent) fault(point string) error {
+	if a.cfg.FaultHook == nil {
+		return nil
+	}
+	return a.cfg.FaultHook(point)
+}
+
+func keyTypeOf(st *sourceTable, name, given string) string {
+	if i := indexOfColumn(st.Columns, name); i >= 0 {
+		return st.Columns[i].Type
+	}
+	return given
+}
+
+func indexOfColumn(cols []column, name string) int {
+	for i, c := range cols {
+		if c.Name == name {
+			return i
+		}
+	}
+	return -1
+}
+
+func containsColumn(cols []column, name string) bool { return indexOfColumn(cols, name) >= 0 }
+
+// keysOf is "t.k1, t.k2".
+func keysOf(alias string, keys []string) string {
+	out := ""
+	for i, k := range keys {
+		if i > 0 {
+			out += ", "
+		}
+		out += alias + "." + ident.Quote(k)
+	}
+	return out
+}
+
+// prefixed is "t.c1, t.c2" for the columns.
+func prefixed(alias string, cols []column) string {
+	out := ""
+	for i, c := range cols {
+		if i > 0 {
+			out += ", "
+		}
+		out += alias + "." + ident.Quote(c.Name)
+	}
+	return out
+}
+
+// unconstrained drops NOT NULL (staging tables hold what the queue holds).
+func unconstrained(cols []column) []column {
+	out := make([]column, len(cols))
+	for i, c := range cols {
+		c.NotNull = false
+		out[i] = c
+	}
+	return out
+}
+
+// quoteLiteral quotes a value PostgreSQL produced (a snapshot id) for a
+// statement that takes no parameters.
+func quoteLiteral(s string) string {
+	out := "'"
+	for _, r := range s {
+		if r == '\'' {
+			out += "''"
+		} else {
+			out += string(r)
+		}
+	}
+	return out + "'"
+}
