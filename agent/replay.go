@@ -246,17 +246,29 @@ func applyLogdel(ctx context.Context, tx pgx.Tx, cfg *queueConfig, st *sourceTab
 	deletedAt := ident.Quote(triggers.ColDeletedAt)
 	marked := ident.Quote(deletedColumn)
 	present := ident.Quote(presentColumn)
-	liveGo := "DELETE FROM " + d + " d USING " + stage + " k WHERE " + keyMatch(cfg.PkField, "d", "k") + " AND d." + marked + " IS NULL"
+	keys := quoteNames(cfg.PkField)
+	// One delete for all the batch's keys: a key with a live source row or
+	// a new deletion loses whatever the destination has; any other key in
+	// play loses only its live row (an old key, or one that left the
+	// condition).
+	inPlay := "(SELECT " + keys + ", " + present + " AS whole FROM " + stage +
+		" UNION ALL SELECT " + keys + ", true FROM " + stageDel + ")"
+	gone := "DELETE FROM " + d + " d USING " + inPlay + " k WHERE " + keyMatch(cfg.PkField, "d", "k") +
+		" AND (k.whole OR d." + marked + " IS NULL)"
+	against := sqlKeyedJoins
 	if everyLive {
-		liveGo = "DELETE FROM " + d + " WHERE " + marked + " IS NULL"
+		against = sqlAnyJoins
+		gone = "DELETE FROM " + d + " d WHERE d." + marked + " IS NULL OR EXISTS (SELECT 1 FROM " + inPlay + " k WHERE " +
+			keyMatch(cfg.PkField, "d", "k") + " AND k.whole)"
 	}
 	steps := []string{
 		// Between the two staging tables, hashing is right.
 		sqlAnyJoins,
 		// Live on the source again: not deleted.
 		"DELETE FROM " + stageDel + " x USING " + stage + " r WHERE " + keyMatch(cfg.PkField, "x", "r") + " AND r." + present,
-		// Against the destination, its key index is.
-		sqlKeyedJoins,
+		// Against the destination, its key index is (but for a repull,
+		// where every row is in play).
+		against,
 		// A deletion older than the one already recorded changes nothing.
 		"DELETE FROM " + stageDel + " x USING " + d + " d WHERE " + keyMatch(cfg.PkField, "x", "d") +
 			" AND d." + marked + " >= x." + deletedAt,
@@ -266,15 +278,7 @@ func applyLogdel(ctx context.Context, tx pgx.Tx, cfg *queueConfig, st *sourceTab
 		// history of this table.
 		steps = append(steps, "DELETE FROM "+stageDel+" x WHERE NOT EXISTS (SELECT 1 FROM "+d+" d WHERE "+keyMatch(cfg.PkField, "d", "x")+")")
 	}
-	steps = append(steps,
-		// Every live row of the keys in play goes: it is replaced below by
-		// the source's row, or marked deleted, or (no longer matching the
-		// condition, or an old key) simply leaves.
-		liveGo,
-		"DELETE FROM "+d+" d USING "+stage+" r WHERE "+keyMatch(cfg.PkField, "d", "r")+" AND r."+present,
-		"DELETE FROM "+d+" d USING "+stageDel+" x WHERE "+keyMatch(cfg.PkField, "d", "x"),
-		sqlAnyJoins,
-	)
+	steps = append(steps, gone, sqlAnyJoins)
 	if err := execAll(ctx, tx, "apply", steps); err != nil {
 		return 0, err
 	}
@@ -282,11 +286,11 @@ func applyLogdel(ctx context.Context, tx pgx.Tx, cfg *queueConfig, st *sourceTab
 	if err != nil {
 		return 0, fmt.Errorf("apply: %w", err)
 	}
-	gone, err := tx.Exec(ctx, "INSERT INTO "+d+" ("+cols+", "+marked+") SELECT "+cols+", "+deletedAt+" FROM "+stageDel)
+	dead, err := tx.Exec(ctx, "INSERT INTO "+d+" ("+cols+", "+marked+") SELECT "+cols+", "+deletedAt+" FROM "+stageDel)
 	if err != nil {
 		return 0, fmt.Errorf("apply: %w", err)
 	}
-	return live.RowsAffected() + gone.RowsAffected(), nil
+	return live.RowsAffected() + dead.RowsAffected(), nil
 }
 
 // containsString reports whether list holds s.
