@@ -4,8 +4,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 
 	"github.com/jackc/pgx/v5"
+
+	"github.com/mimeo-dev/mimeo/internal/ident"
 )
 
 // The table type truncates and reloads an ordinary table in one
@@ -15,8 +18,17 @@ import (
 
 const (
 	sqlTableConfig = `
-SELECT source_table, dblink, filter, condition, create_indexes
+SELECT source_table, dblink, filter, condition, create_indexes, sequences
 FROM mimeo.refresh_config_table WHERE dest_table = $1`
+
+	// The destination columns whose default draws from a sequence.
+	sqlSequenceColumns = `
+SELECT a.attname FROM pg_catalog.pg_depend dep
+JOIN pg_catalog.pg_attrdef ad ON dep.classid = 'pg_catalog.pg_attrdef'::regclass AND dep.objid = ad.oid
+JOIN pg_catalog.pg_attribute a ON a.attrelid = ad.adrelid AND a.attnum = ad.adnum
+WHERE dep.refclassid = 'pg_catalog.pg_class'::regclass AND dep.refobjid = to_regclass($1)
+  AND ad.adrelid = to_regclass($2)
+ORDER BY a.attnum`
 
 	sqlTableInsertConfig = `
 INSERT INTO mimeo.refresh_config_table
@@ -74,7 +86,8 @@ func (a *Agent) refreshTable(ctx context.Context, r *run) error {
 	var filter []string
 	var condition *string
 	var indexes bool
-	err := r.dst.QueryRow(ctx, sqlTableConfig, r.req.DestTable).Scan(&source, &dblink, &filter, &condition, &indexes)
+	var sequences []string
+	err := r.dst.QueryRow(ctx, sqlTableConfig, r.req.DestTable).Scan(&source, &dblink, &filter, &condition, &indexes, &sequences)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return fmt.Errorf("%s: %w as table", r.req.DestTable, ErrNotConfigured)
 	}
@@ -101,6 +114,9 @@ func (a *Agent) refreshTable(ctx context.Context, r *run) error {
 		rows, err := r.load(ctx, tx, loadSpec{src: src, table: st, condition: deref(condition), target: r.dest,
 			cascade: args.TruncateCascade, pull: true})
 		if err != nil {
+			return fmt.Errorf("refresh %s: %w", r.dest, err)
+		}
+		if err := resetSequences(ctx, tx, r.dest, sequences); err != nil {
 			return fmt.Errorf("refresh %s: %w", r.dest, err)
 		}
 		if _, err := tx.Exec(ctx, sqlTableTouch, r.req.DestTable, r.started); err != nil {
@@ -134,4 +150,36 @@ func (a *Agent) destroyTable(ctx context.Context, r *run) error {
 		}
 		return r.complete(ctx, tx, 0, msg)
 	})
+}
+
+// resetSequences moves each of the table's p_sequences (destination
+// sequences that defaults of its columns draw from) past the largest value
+// just loaded, so rows inserted on the dev copy do not collide with it.
+func resetSequences(ctx context.Context, tx pgx.Tx, dest ident.Name, sequences []string) error {
+	for _, seq := range sequences {
+		name, err := ident.Parse(seq)
+		if err != nil {
+			return fmt.Errorf("p_sequences: %w", err)
+		}
+		rows, err := tx.Query(ctx, sqlSequenceColumns, name.Sanitize(), dest.Sanitize())
+		if err != nil {
+			return fmt.Errorf("find columns using sequence %s: %w", name, err)
+		}
+		cols, err := pgx.CollectRows(rows, pgx.RowTo[string])
+		if err != nil {
+			return fmt.Errorf("find columns using sequence %s: %w", name, err)
+		}
+		if len(cols) == 0 {
+			return fmt.Errorf("p_sequences: no column of %s has a default drawing from %s", dest, name)
+		}
+		maxes := make([]string, len(cols))
+		for i, c := range cols {
+			maxes[i] = "max(" + ident.Quote(c) + ")"
+		}
+		if _, err := tx.Exec(ctx, "SELECT setval($1::regclass, coalesce(greatest("+strings.Join(maxes, ", ")+"), 1), greatest("+
+			strings.Join(maxes, ", ")+") IS NOT NULL) FROM "+dest.Sanitize(), name.Sanitize()); err != nil {
+			return fmt.Errorf("reset sequence %s: %w", name, err)
+		}
+	}
+	return nil
 }

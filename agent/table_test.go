@@ -29,7 +29,16 @@ func TestTableTypeReloadsAPlainTable(t *testing.T) {
 
 	e.done(`SELECT mimeo.table_destroyer('public.items_dev', 'ARCHIVE')`)
 	require.Equal(t, 600, e.count("public.items_dev"), "archive keeps the table")
-	e.done(`SELECT mimeo.table_maker('public.items', $1, 'public.items_dev2')`, e.dblink)
+	require.Contains(t, e.sqlError(`SELECT mimeo.table_maker('public.items', $1, 'public.items_dev2', p_sequences => ARRAY['dev_seq'])`, e.dblink), "must be schema-qualified")
+	e.done(`SELECT mimeo.table_maker('public.items', $1, 'public.items_dev2', p_sequences => ARRAY['public.dev_seq'])`, e.dblink)
+	// The DBA gives the dev copy a sequence default; refreshes keep the
+	// sequence past the rows loaded.
+	e.exec(e.dst, `CREATE SEQUENCE public.dev_seq`)
+	e.exec(e.dst, `ALTER TABLE public.items_dev2 ALTER COLUMN id SET DEFAULT nextval('public.dev_seq')`)
+	e.done(`SELECT mimeo.refresh_table('public.items_dev2')`)
+	var next int64
+	require.NoError(t, e.dst.QueryRow(e.ctx, `SELECT nextval('public.dev_seq')`).Scan(&next))
+	require.EqualValues(t, 1001, next)
 	e.done(`SELECT mimeo.table_destroyer('public.items_dev2')`)
 	var exists bool
 	require.NoError(t, e.dst.QueryRow(e.ctx, `SELECT to_regclass('public.items_dev2') IS NOT NULL`).Scan(&exists))

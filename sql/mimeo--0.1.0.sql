@@ -407,6 +407,7 @@ DECLARE
 BEGIN
     PERFORM mimeo.check_dblink(p_dblink_id);
     PERFORM mimeo.check_new_destination(v_dest);
+    PERFORM mimeo.qualified_name(s, 'p_sequences element') FROM unnest(p_sequences) s;
     RETURN mimeo.enqueue('table_maker', v_dest, jsonb_build_object(
         'src_table', v_src, 'dblink', p_dblink_id, 'pulldata', p_pulldata, 'index', p_index,
         'filter', p_filter, 'condition', p_condition, 'sequences', p_sequences, 'debug', p_debug));
