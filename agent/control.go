@@ -62,7 +62,7 @@ func (k controlKind) text(expr string) string {
 // literal writes a canonical value into SQL (COPY takes no parameters).
 // The value came from PostgreSQL's own output, and is quoted anyway.
 func (k controlKind) literal(v string) string {
-	return "'" + strings.ReplaceAll(v, "'", "''") + "'::" + k.sqlType()
+	return quoteLiteral(v) + "::" + k.sqlType()
 }
 
 // upperOp compares the control column with the run's upper bound: time

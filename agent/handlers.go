@@ -1,5 +1,19 @@
 package agent
 
+import "slices"
+
+// configTypes are the replication types with a config table of their own,
+// mimeo.refresh_config_<type>; only these names reach SQL that way.
+var configTypes = []string{"snap", "table", "inserter", "updater", "dml", "logdel"}
+
+// typeConfigTable is the config table of a replication type.
+func typeConfigTable(typ string) string {
+	if !slices.Contains(configTypes, typ) {
+		panic("agent: not a replication type: " + typ)
+	}
+	return "mimeo.refresh_config_" + typ
+}
+
 // registerHandlers maps request actions to the code that runs them; the
 // SQL functions name these actions when they enqueue.
 func (a *Agent) registerHandlers() map[string]handler {

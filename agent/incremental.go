@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"slices"
 	"strings"
 
 	"github.com/jackc/pgx/v5"
@@ -40,17 +39,6 @@ type incConfig struct {
 	PkField    []string
 }
 
-// incTypes are the incremental types; the names are also those of their
-// config tables (mimeo.refresh_config_<type>), so only these reach SQL.
-var incTypes = []string{"inserter", "updater"}
-
-func configTable(typ string) string {
-	if !slices.Contains(incTypes, typ) {
-		panic("agent: not an incremental type: " + typ)
-	}
-	return "mimeo.refresh_config_" + typ
-}
-
 const sqlIncConfig = `
 SELECT source_table, dblink, filter, coalesce(condition, ''), batch_limit, create_indexes,
        control, control_type, boundary, last_value, dst_active, dst_start, dst_end, %s
@@ -63,7 +51,7 @@ func loadIncConfig(ctx context.Context, q queue.DB, typ, dest string) (*incConfi
 		pk = "pk_field"
 	}
 	var kind string
-	err := q.QueryRow(ctx, fmt.Sprintf(sqlIncConfig, pk, configTable(typ)), dest).Scan(
+	err := q.QueryRow(ctx, fmt.Sprintf(sqlIncConfig, pk, typeConfigTable(typ)), dest).Scan(
 		&c.Source, &c.Dblink, &c.Filter, &c.Condition, &c.BatchLimit, &c.Indexes,
 		&c.Control, &kind, &c.Boundary, &c.LastValue, &c.DstActive, &c.DstStart, &c.DstEnd, &c.PkField)
 	if errors.Is(err, pgx.ErrNoRows) {
@@ -123,7 +111,7 @@ func (a *Agent) refreshIncremental(ctx context.Context, r *run, typ string) erro
 			if _, err := tx.Exec(ctx, "TRUNCATE "+r.dest.Sanitize()); err != nil {
 				return fmt.Errorf("truncate %s: %w", r.dest, err)
 			}
-			_, err := tx.Exec(ctx, "UPDATE "+configTable(typ)+" SET last_value = NULL WHERE dest_table = $1", r.req.DestTable)
+			_, err := tx.Exec(ctx, "UPDATE "+typeConfigTable(typ)+" SET last_value = NULL WHERE dest_table = $1", r.req.DestTable)
 			return err
 		})
 		if err != nil {
@@ -159,30 +147,16 @@ func checkIncColumns(ctx context.Context, dst queue.DB, dest ident.Name, st *sou
 		return fmt.Errorf("control column %q is now %s, was %s: recreate the table with the destroyer and maker", cfg.Control, kind, cfg.Kind)
 	}
 	for _, k := range cfg.PkField {
-		if !slices.ContainsFunc(st.Columns, func(c column) bool { return c.Name == k }) {
+		if !containsColumn(st.Columns, k) {
 			return fmt.Errorf("key column %q is no longer a copied column of %s", k, st.Name)
 		}
 	}
-	current, err := relationColumns(ctx, dst, dest)
-	if err != nil {
-		return err
-	}
-	if current == nil {
-		return fmt.Errorf("destination table %s is missing (recreate it with the destroyer and maker)", dest)
-	}
-	for _, c := range st.Columns {
-		i := slices.IndexFunc(current, func(d column) bool { return d.Name == c.Name })
-		if i < 0 || current[i].Type != c.Type {
-			return fmt.Errorf("%w: column %q (%s) of %s does not match the destination; change the destination table to match, or recreate it",
-				ErrColumnsChanged, c.Name, c.Type, st.Name)
-		}
-	}
-	return nil
+	return checkDestColumns(ctx, dst, dest, st)
 }
 
 // controlColumn finds the control column among the copied columns.
 func controlColumn(st *sourceTable, name string) (controlKind, error) {
-	i := slices.IndexFunc(st.Columns, func(c column) bool { return c.Name == name })
+	i := indexOfColumn(st.Columns, name)
 	if i < 0 {
 		return "", fmt.Errorf("control column %q is not a column of %s (or p_filter leaves it out)", name, st.Name)
 	}
@@ -267,7 +241,7 @@ func describeLast(last *string) string {
 
 // finishInc records the run's end in its last transaction.
 func (a *Agent) finishInc(ctx context.Context, tx pgx.Tx, r *run, cfg *incConfig, rows int64, batches int, last *string) error {
-	if _, err := tx.Exec(ctx, "UPDATE "+configTable(cfg.Type)+" SET last_run = $2 WHERE dest_table = $1", r.req.DestTable, r.started); err != nil {
+	if _, err := tx.Exec(ctx, sqlRecordRun, r.req.DestTable, r.started); err != nil {
 		return fmt.Errorf("record run: %w", err)
 	}
 	msg := fmt.Sprintf("copied %d rows in %s; last_value %s", rows, plural(batches, "batch", "batches"), describeLast(last))
@@ -404,7 +378,7 @@ func applyRows(ctx context.Context, tx pgx.Tx, src *pgxpool.Conn, cfg *incConfig
 // refuses to move it backwards.
 func advance(ctx context.Context, tx pgx.Tx, cfg *incConfig, dest, value string) error {
 	t := cfg.Kind.sqlType()
-	tag, err := tx.Exec(ctx, "UPDATE "+configTable(cfg.Type)+" SET last_value = $2::text WHERE dest_table = $1 AND (last_value IS NULL OR last_value::"+t+" <= $2::text::"+t+")", dest, value)
+	tag, err := tx.Exec(ctx, "UPDATE "+typeConfigTable(cfg.Type)+" SET last_value = $2::text WHERE dest_table = $1 AND (last_value IS NULL OR last_value::"+t+" <= $2::text::"+t+")", dest, value)
 	if err != nil {
 		return fmt.Errorf("advance last_value: %w", err)
 	}
@@ -463,7 +437,7 @@ func (a *Agent) repullRange(ctx context.Context, r *run, src *pgxpool.Conn, cfg 
 		}
 		msg := fmt.Sprintf("re-pulled %d rows with %s in (%s, %s%s", rows, cfg.Control, orDash(lower), upper, map[string]string{"<": ")", "<=": "]"}[op])
 		r.note(ctx, "Repull range", msg, false)
-		if _, err := tx.Exec(ctx, "UPDATE "+configTable(cfg.Type)+" SET last_run = $2 WHERE dest_table = $1", r.req.DestTable, r.started); err != nil {
+		if _, err := tx.Exec(ctx, sqlRecordRun, r.req.DestTable, r.started); err != nil {
 			return fmt.Errorf("record run: %w", err)
 		}
 		return r.complete(ctx, tx, rows, msg)

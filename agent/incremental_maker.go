@@ -113,7 +113,7 @@ func (a *Agent) makeIncremental(ctx context.Context, r *run, typ string) error {
 			pkCols, pkVals = ", pk_field, pk_type", ", $13, $14"
 			params = append(params, keys, keyTypes)
 		}
-		if _, err := tx.Exec(ctx, fmt.Sprintf(sqlIncInsertConfig, configTable(typ), pkCols, pkVals), params...); err != nil {
+		if _, err := tx.Exec(ctx, fmt.Sprintf(sqlIncInsertConfig, typeConfigTable(typ), pkCols, pkVals), params...); err != nil {
 			return fmt.Errorf("record config: %w", err)
 		}
 		if caughtUp {
@@ -128,7 +128,7 @@ func (a *Agent) makeIncremental(ctx context.Context, r *run, typ string) error {
 		return nil
 	}
 	cfg.BatchLimit = 10000
-	if err := r.dst.QueryRow(ctx, "SELECT batch_limit FROM "+configTable(typ)+" WHERE dest_table = $1", r.req.DestTable).Scan(&cfg.BatchLimit); err != nil {
+	if err := r.dst.QueryRow(ctx, "SELECT batch_limit FROM "+typeConfigTable(typ)+" WHERE dest_table = $1", r.req.DestTable).Scan(&cfg.BatchLimit); err != nil {
 		return fail(err)
 	}
 	return a.catchUp(ctx, r, src, cfg, st, cfg.BatchLimit)

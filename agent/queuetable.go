@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"slices"
 	"strings"
 
 	"github.com/jackc/pgx/v5"
@@ -22,10 +21,6 @@ import (
 // source queue. A crash in between leaves them claimed: the next run
 // applies them again from the source's current state, which is idempotent.
 
-// queueTypes are the trigger-queue types; their config tables are
-// mimeo.refresh_config_<type>.
-var queueTypes = []string{"dml", "logdel"}
-
 // deletedColumn marks, in a logdel destination, when a row was deleted on
 // the source (NULL for live rows).
 const deletedColumn = "mimeo_source_deleted"
@@ -42,20 +37,13 @@ type queueConfig struct {
 	Names      triggers.Names
 }
 
-func queueConfigTable(typ string) string {
-	if !slices.Contains(queueTypes, typ) {
-		panic("agent: not a trigger-queue type: " + typ)
-	}
-	return "mimeo.refresh_config_" + typ
-}
-
 func loadQueueConfig(ctx context.Context, q queue.DB, typ, dest string) (*queueConfig, error) {
 	c := &queueConfig{Type: typ}
 	var queueTable, function string
 	var trig []string
 	err := q.QueryRow(ctx, `
 SELECT source_table, dblink, filter, coalesce(condition, ''), batch_limit, pk_field, queue_table, trigger_function, triggers
-FROM `+queueConfigTable(typ)+` WHERE dest_table = $1`, dest).Scan(
+FROM `+typeConfigTable(typ)+` WHERE dest_table = $1`, dest).Scan(
 		&c.Source, &c.Dblink, &c.Filter, &c.Condition, &c.BatchLimit, &c.PkField, &queueTable, &function, &trig)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return nil, fmt.Errorf("%s: %w as %s", dest, ErrNotConfigured, typ)

@@ -131,7 +131,7 @@ func (a *Agent) makeQueued(ctx context.Context, r *run, typ string) error {
 		if err := ensureKeyIndex(ctx, tx, r.dest, keys); err != nil {
 			return err
 		}
-		if _, err := tx.Exec(ctx, `INSERT INTO `+queueConfigTable(typ)+`
+		if _, err := tx.Exec(ctx, `INSERT INTO `+typeConfigTable(typ)+`
     (dest_table, type, dblink, source_table, filter, condition, create_indexes, last_run,
      pk_field, pk_type, queue_table, trigger_function, triggers)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)`,
@@ -197,41 +197,6 @@ func keyTypeOf(st *sourceTable, name, given string) string {
 	return given
 }
 
-func indexOfColumn(cols []column, name string) int {
-	for i, c := range cols {
-		if c.Name == name {
-			return i
-		}
-	}
-	return -1
-}
-
-func containsColumn(cols []column, name string) bool { return indexOfColumn(cols, name) >= 0 }
-
-// keysOf is "t.k1, t.k2".
-func keysOf(alias string, keys []string) string {
-	out := ""
-	for i, k := range keys {
-		if i > 0 {
-			out += ", "
-		}
-		out += alias + "." + ident.Quote(k)
-	}
-	return out
-}
-
-// prefixed is "t.c1, t.c2" for the columns.
-func prefixed(alias string, cols []column) string {
-	out := ""
-	for i, c := range cols {
-		if i > 0 {
-			out += ", "
-		}
-		out += alias + "." + ident.Quote(c.Name)
-	}
-	return out
-}
-
 // unconstrained drops NOT NULL (staging tables hold what the queue holds).
 func unconstrained(cols []column) []column {
 	out := make([]column, len(cols))
@@ -240,18 +205,4 @@ func unconstrained(cols []column) []column {
 		out[i] = c
 	}
 	return out
-}
-
-// quoteLiteral quotes a value PostgreSQL produced (a snapshot id) for a
-// statement that takes no parameters.
-func quoteLiteral(s string) string {
-	out := "'"
-	for _, r := range s {
-		if r == '\'' {
-			out += "''"
-		} else {
-			out += string(r)
-		}
-	}
-	return out + "'"
 }

@@ -4,10 +4,12 @@ import (
 	"context"
 	"fmt"
 	"math/rand/v2"
+	"slices"
 	"strconv"
 	"strings"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/mimeo-dev/mimeo/internal/ident"
@@ -86,7 +88,7 @@ func (a *Agent) refreshQueued(ctx context.Context, r *run, typ string) error {
 		}
 	}
 	return withTx(ctx, r.dst, func(tx pgx.Tx) error {
-		if _, err := tx.Exec(ctx, "UPDATE "+queueConfigTable(typ)+" SET last_run = $2 WHERE dest_table = $1", r.req.DestTable, r.started); err != nil {
+		if _, err := tx.Exec(ctx, sqlRecordRun, r.req.DestTable, r.started); err != nil {
 			return fmt.Errorf("record run: %w", err)
 		}
 		msg := fmt.Sprintf("replayed %s; %d rows written", plural(batches, "batch", "batches"), total)
@@ -104,21 +106,7 @@ func checkQueuedColumns(ctx context.Context, r *run, st *sourceTable, cfg *queue
 				ErrColumnsChanged, k, st.Name)
 		}
 	}
-	current, err := relationColumns(ctx, r.dst, r.dest)
-	if err != nil {
-		return err
-	}
-	if current == nil {
-		return fmt.Errorf("destination table %s is missing (recreate it with the destroyer and maker)", r.dest)
-	}
-	for _, c := range st.Columns {
-		i := indexOfColumn(current, c.Name)
-		if i < 0 || current[i].Type != c.Type {
-			return fmt.Errorf("%w: column %q (%s) of %s does not match the destination; change the destination to match, or recreate it",
-				ErrColumnsChanged, c.Name, c.Type, st.Name)
-		}
-	}
-	return nil
+	return checkDestColumns(ctx, r.dst, r.dest, st)
 }
 
 // claimBatch gives up to limit unclaimed queue entries the batch's token,
@@ -183,7 +171,7 @@ func applyQueued(ctx context.Context, tx pgx.Tx, src *pgxpool.Conn, cfg *queueCo
 	// Key columns from the queue, the others from the source row.
 	var picks []string
 	for _, c := range st.Columns {
-		if containsString(cfg.PkField, c.Name) {
+		if slices.Contains(cfg.PkField, c.Name) {
 			picks = append(picks, "k."+ident.Quote(c.Name))
 		} else {
 			picks = append(picks, "t."+ident.Quote(c.Name))
@@ -220,18 +208,31 @@ func applyQueued(ctx context.Context, tx pgx.Tx, src *pgxpool.Conn, cfg *queueCo
 	}
 
 	// logdel: the last deletion queued for each key of the batch.
-	deletedAt := ident.Quote(triggers.ColDeletedAt)
-	stageDel := ident.Quote("mimeo_stage_deleted")
-	if _, err := tx.Exec(ctx, "CREATE TEMP TABLE "+stageDel+" ("+columnDefs(unconstrained(st.Columns))+", "+deletedAt+" timestamptz) ON COMMIT DROP"); err != nil {
-		return 0, fmt.Errorf("create staging table: %w", err)
-	}
-	if _, err := copyRows(ctx, src.Conn().PgConn(),
-		"COPY (SELECT DISTINCT ON ("+keys+") "+cols+", "+deletedAt+" FROM "+q+" WHERE "+mine+" AND "+deletedAt+
-			" IS NOT NULL ORDER BY "+keys+", "+deletedAt+" DESC) TO STDOUT (FORMAT binary)",
-		tx.Conn().PgConn(), "COPY "+stageDel+" ("+cols+", "+deletedAt+") FROM STDIN (FORMAT binary, FREEZE)"); err != nil {
-		return 0, fmt.Errorf("copy deleted rows: %w", err)
+	stageDel, err := stageDeletions(ctx, tx, src.Conn().PgConn(), cfg, st, mine+" AND ")
+	if err != nil {
+		return 0, err
 	}
 	return applyLogdel(ctx, tx, cfg, st, dest, stage, stageDel, false)
+}
+
+// stageDeletions copies, for each key, the last deletion in the source
+// queue (among the entries that pass filter, a condition followed by AND,
+// or "") into a staging table and returns its name.
+func stageDeletions(ctx context.Context, tx pgx.Tx, src *pgconn.PgConn, cfg *queueConfig, st *sourceTable, filter string) (string, error) {
+	deletedAt := ident.Quote(triggers.ColDeletedAt)
+	keys := quoteNames(cfg.PkField)
+	cols := columnList(st.Columns)
+	stageDel := ident.Quote("mimeo_stage_deleted")
+	if _, err := tx.Exec(ctx, "CREATE TEMP TABLE "+stageDel+" ("+columnDefs(unconstrained(st.Columns))+", "+deletedAt+" timestamptz) ON COMMIT DROP"); err != nil {
+		return "", fmt.Errorf("create staging table: %w", err)
+	}
+	if _, err := copyRows(ctx, src,
+		"COPY (SELECT DISTINCT ON ("+keys+") "+cols+", "+deletedAt+" FROM "+cfg.Names.Queue.Sanitize()+" WHERE "+filter+deletedAt+
+			" IS NOT NULL ORDER BY "+keys+", "+deletedAt+" DESC) TO STDOUT (FORMAT binary)",
+		tx.Conn().PgConn(), "COPY "+stageDel+" ("+cols+", "+deletedAt+") FROM STDIN (FORMAT binary, FREEZE)"); err != nil {
+		return "", fmt.Errorf("copy deleted rows: %w", err)
+	}
+	return stageDel, nil
 }
 
 // applyLogdel applies a logdel batch from its staging tables (stage: every
@@ -293,16 +294,6 @@ func applyLogdel(ctx context.Context, tx pgx.Tx, cfg *queueConfig, st *sourceTab
 	return live.RowsAffected() + dead.RowsAffected(), nil
 }
 
-// containsString reports whether list holds s.
-func containsString(list []string, s string) bool {
-	for _, x := range list {
-		if x == s {
-			return true
-		}
-	}
-	return false
-}
-
 // repullQueued reloads the table at one snapshot of the source, then
 // removes exactly the queue entries that snapshot already contains; later
 // entries stay for the next replay. A failure anywhere loses no change.
@@ -342,16 +333,8 @@ func (a *Agent) repullQueued(ctx context.Context, r *run, src *pgxpool.Conn, cfg
 		if cfg.Type == "logdel" {
 			// Deletions still queued become history too; then every live key
 			// of the destination is reloaded.
-			deletedAt := ident.Quote(triggers.ColDeletedAt)
-			keys := quoteNames(cfg.PkField)
-			stageDel := ident.Quote("mimeo_stage_deleted")
-			if _, err := tx.Exec(ctx, "CREATE TEMP TABLE "+stageDel+" ("+columnDefs(unconstrained(st.Columns))+", "+deletedAt+" timestamptz) ON COMMIT DROP"); err != nil {
-				return err
-			}
-			if _, err := copyRows(ctx, snap.Conn().PgConn(),
-				"COPY (SELECT DISTINCT ON ("+keys+") "+cols+", "+deletedAt+" FROM "+q+" WHERE "+deletedAt+
-					" IS NOT NULL ORDER BY "+keys+", "+deletedAt+" DESC) TO STDOUT (FORMAT binary)",
-				tx.Conn().PgConn(), "COPY "+stageDel+" ("+cols+", "+deletedAt+") FROM STDIN (FORMAT binary)"); err != nil {
+			stageDel, err := stageDeletions(ctx, tx, snap.Conn().PgConn(), cfg, st, "")
+			if err != nil {
 				return err
 			}
 			if _, err := tx.Exec(ctx, "ANALYZE "+target.Sanitize()+"; ANALYZE "+stageDel); err != nil {
@@ -361,7 +344,7 @@ func (a *Agent) repullQueued(ctx context.Context, r *run, src *pgxpool.Conn, cfg
 				return err
 			}
 		}
-		if _, err := tx.Exec(ctx, "UPDATE "+queueConfigTable(cfg.Type)+" SET last_run = $2 WHERE dest_table = $1", r.req.DestTable, r.started); err != nil {
+		if _, err := tx.Exec(ctx, sqlRecordRun, r.req.DestTable, r.started); err != nil {
 			return err
 		}
 		msg := fmt.Sprintf("re-pulled %d rows", rows)

@@ -64,9 +64,11 @@ UPDATE mimeo.refresh_config_snap
 SET n_tup_ins = $2, n_tup_upd = $3, n_tup_del = $4, last_run = $5, source_filenode = $6, copied_with = $7
 WHERE dest_table = $1`
 
-	sqlSnapTouch = `UPDATE mimeo.refresh_config_snap SET last_run = $2 WHERE dest_table = $1`
-
 	sqlDeleteConfig = `DELETE FROM mimeo.refresh_config WHERE dest_table = $1`
+
+	// A run's start time, on whichever child table holds the config row
+	// (an UPDATE of the parent reaches the children).
+	sqlRecordRun = `UPDATE mimeo.refresh_config SET last_run = $2 WHERE dest_table = $1`
 
 	// The table a view reads from, found through the view's rewrite rule.
 	sqlViewSource = `
@@ -185,7 +187,7 @@ func (a *Agent) refreshSnap(ctx context.Context, r *run) error {
 		if cfg.unchanged(st, !changed, with) {
 			msg := "skipped copy: no inserts, updates or deletes on the source since the last run (statistics unchanged)"
 			r.note(ctx, "Check source statistics", msg, false)
-			if _, err := tx.Exec(ctx, sqlSnapTouch, r.req.DestTable, r.started); err != nil {
+			if _, err := tx.Exec(ctx, sqlRecordRun, r.req.DestTable, r.started); err != nil {
 				return fmt.Errorf("refresh %s: record run: %w", r.dest, err)
 			}
 			return r.complete(ctx, tx, 0, msg)

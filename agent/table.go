@@ -34,8 +34,6 @@ ORDER BY a.attnum`
 INSERT INTO mimeo.refresh_config_table
     (dest_table, type, dblink, source_table, filter, condition, create_indexes, sequences, last_run)
 VALUES ($1, 'table', $2, $3, $4, $5, $6, $7, $8)`
-
-	sqlTableTouch = `UPDATE mimeo.refresh_config_table SET last_run = $2 WHERE dest_table = $1`
 )
 
 type tableMakerArgs struct {
@@ -119,7 +117,7 @@ func (a *Agent) refreshTable(ctx context.Context, r *run) error {
 		if err := resetSequences(ctx, tx, r.dest, sequences); err != nil {
 			return fmt.Errorf("refresh %s: %w", r.dest, err)
 		}
-		if _, err := tx.Exec(ctx, sqlTableTouch, r.req.DestTable, r.started); err != nil {
+		if _, err := tx.Exec(ctx, sqlRecordRun, r.req.DestTable, r.started); err != nil {
 			return fmt.Errorf("refresh %s: record run: %w", r.dest, err)
 		}
 		return r.complete(ctx, tx, rows, fmt.Sprintf("reloaded %d rows", rows))
