@@ -20,14 +20,10 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/mimeo-dev/mimeo/queue"
-	mimeosql "github.com/mimeo-dev/mimeo/sql"
 )
 
 // Version is mimeo-agent's version; it installs schema version mimeosql.Version.
-const Version = "0.3.0"
-
-// ErrSchemaMissing means the destination has no (or an outdated) mimeo schema.
-var ErrSchemaMissing = errors.New("mimeo schema is not installed at this binary's version")
+const Version = "0.4.0"
 
 // Agent serves one destination database.
 type Agent struct {
@@ -45,6 +41,11 @@ type Agent struct {
 	cancelJob context.CancelFunc
 	stopping  chan struct{}
 	stopOnce  sync.Once
+
+	// stopRun ends Run early, with its cause (ErrSchemaChanged); nil
+	// outside Run.
+	stopRun    context.CancelCauseFunc
+	schemaOnce sync.Once
 }
 
 // New connects to the destination and checks its mimeo schema. logger may
@@ -88,30 +89,16 @@ func (a *Agent) Close() {
 // Pool is the destination pool (for the CLI's status and install commands).
 func (a *Agent) Pool() *pgxpool.Pool { return a.pool }
 
-func (a *Agent) checkSchema(ctx context.Context) error {
-	var version string
-	err := a.pool.QueryRow(ctx, `
-SELECT coalesce((SELECT extversion FROM pg_catalog.pg_extension WHERE extname = 'mimeo'),
-                (SELECT max(version) FROM mimeo.schema_version))`).Scan(&version)
-	if err != nil && !hasCode(err, codeUndefinedTable) && !hasCode(err, codeInvalidSchemaName) {
-		return fmt.Errorf("check mimeo schema: %w", err)
-	}
-	if version != mimeosql.Version {
-		found := version
-		if found == "" {
-			found = "none"
-		}
-		return fmt.Errorf("%w (found %s, need %s): run mimeo-agent install", ErrSchemaMissing, found, mimeosql.Version)
-	}
-	return nil
-}
-
 // Run serves the queue until ctx ends: it LISTENs and polls, claims
 // requests for its workers, keeps its heartbeat and recovers requests of
 // dead agents. On ctx's end it stops claiming, lets running jobs finish
 // within Config.ShutdownTimeout, then cancels (and rolls back) the rest,
-// handing their requests back to the queue.
-func (a *Agent) Run(ctx context.Context) error {
+// handing their requests back to the queue. It returns an error wrapping
+// ErrSchemaChanged when the schema was upgraded (or replaced) under it.
+func (a *Agent) Run(parent context.Context) error {
+	ctx, stopRun := context.WithCancelCause(parent)
+	defer stopRun(nil)
+	a.stopRun = stopRun
 	listener := queue.NewListener(a.connectDedicated, a.log.Named("listen"))
 	// The liveness lock lives on the listener's session: if this process
 	// dies, the lock goes with its connection and other agents recover its
@@ -155,6 +142,10 @@ func (a *Agent) Run(ctx context.Context) error {
 	stopBG()
 	bg.Wait()
 	a.deregister()
+	if cause := context.Cause(ctx); errors.Is(cause, ErrSchemaChanged) {
+		a.log.Error("agent stopped", "agent_id", a.agentID(), "reason", cause)
+		return cause
+	}
 	a.log.Info("agent stopped", "agent_id", a.agentID())
 	return nil
 }
@@ -182,6 +173,7 @@ func (a *Agent) serve(ctx context.Context, notified <-chan struct{}) {
 			reqs, err := queue.Claim(ctx, a.pool, a.agentID(), free)
 			if err != nil && ctx.Err() == nil {
 				a.log.Warn("cannot claim requests", "error", err)
+				a.checkSchemaVersion(ctx) // the database refuses claims of agents of another version
 			}
 			for _, req := range reqs {
 				mu.Lock()

@@ -114,7 +114,12 @@ func TestDMLCrashBeforeQueueCleanup(t *testing.T) {
 	e.exec(e.app, `INSERT INTO public.t SELECT g, g FROM generate_series(1, 50) g`)
 	e.prepareTriggers("public.t")
 	crashing := e.config()
-	crashing.FaultHook = func(point string) error { return fmt.Errorf("injected crash %s", point) }
+	crashing.FaultHook = func(point string) error {
+		if point == "after destination commit" {
+			return fmt.Errorf("injected crash %s", point)
+		}
+		return nil
+	}
 	stopCrashing := e.startAgent(crashing)
 	e.done(`SELECT mimeo.dml_maker('public.t', $1)`, e.dblink)
 	e.exec(e.app, `UPDATE t SET v = -v WHERE id <= 20`)

@@ -219,6 +219,7 @@ func (a *Agent) catchUp(ctx context.Context, r *run, src *pgxpool.Conn, cfg *inc
 		}
 		total += rows
 		batches++
+		r.committed = total
 		last = &end
 		if r.debug {
 			r.note(ctx, "Batch", fmt.Sprintf("batch %d: %d rows up to %s", batches, rows, end), false)

@@ -168,7 +168,13 @@ func TestIncrementalRepull(t *testing.T) {
 	require.EqualValues(t, 100, *o.Rows)
 	e.requireSame("public.upd", "public.upd")
 
-	require.Contains(t, e.failed(`SELECT mimeo.refresh_inserter('public.ins', p_repull => true, p_repull_start => 'yesterday-ish')`), "p_repull_start")
+	// Bad bounds are refused at once, before anything is queued.
+	require.Contains(t, e.sqlError(`SELECT mimeo.refresh_inserter('public.ins', p_repull => true, p_repull_start => 'yesterday-ish')`),
+		"must be values of the control column")
+	require.Contains(t, e.sqlError(`SELECT mimeo.refresh_inserter('public.ins', p_repull => true, p_repull_start => '2026-01-02', p_repull_end => '2026-01-02')`),
+		"must be below p_repull_end")
+	require.Contains(t, e.sqlError(`SELECT mimeo.refresh_updater('public.upd', p_repull => true, p_repull_start => '5', p_repull_end => 'x')`),
+		"must be values of the control column")
 }
 
 // Run on a DST change day inside dst_start..dst_end, a timestamp-based table

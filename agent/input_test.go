@@ -132,7 +132,11 @@ func TestOperatorRoleNeedsOnlyExecute(t *testing.T) {
 	require.Contains(t, e.sqlError(`SELECT mimeo.snapshot_destroyer('public.items', 'KEEP')`), "p_archive_option must be")
 
 	e.exec(e.dst, `GRANT USAGE ON SCHEMA mimeo TO operator`)
-	e.exec(e.dst, `GRANT EXECUTE ON FUNCTION mimeo.refresh_snap(text, boolean, boolean), mimeo.wait(bigint, interval) TO operator`)
+	// Exactly the grants the README gives.
+	e.exec(e.dst, `GRANT EXECUTE ON FUNCTION mimeo.refresh_snap(text, boolean, boolean, boolean), mimeo.wait(bigint, interval),
+    mimeo.wait_poll(bigint, timestamptz, interval) TO operator`)
+	e.exec(e.dst, `GRANT EXECUTE ON PROCEDURE mimeo.refresh_snap_wait(text, boolean, boolean, boolean, interval),
+    mimeo.commit_and_wait(bigint, interval) TO operator`)
 	op := e.pool(pgtest.Destination().ConnString(e.dstDB, "operator", ""))
 	var id int64
 	require.NoError(t, op.QueryRow(e.ctx, `SELECT mimeo.refresh_snap('public.items')`).Scan(&id))
@@ -140,6 +144,8 @@ func TestOperatorRoleNeedsOnlyExecute(t *testing.T) {
 	require.NoError(t, op.QueryRow(e.ctx, `SELECT status, requested_by FROM mimeo.wait($1, '30 s')`, id).Scan(&status, &by))
 	require.Equal(t, "done", status)
 	require.Equal(t, "operator", by, "the request says who asked")
+	_, err := op.Exec(e.ctx, `CALL mimeo.refresh_snap_wait('public.items', p_timeout => '30 s')`)
+	require.NoError(t, err, "the CALL form works with the same grants")
 	for _, q := range []string{
 		`SELECT mimeo.snapshot_destroyer('public.items')`,
 		`INSERT INTO mimeo.request (action, dest_table) VALUES ('snapshot_destroyer', 'public.items')`,

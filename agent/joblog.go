@@ -52,7 +52,7 @@ func startJob(ctx context.Context, pool *pgxpool.Pool, log hclog.Logger, name, d
 func (j *jobLog) add(ctx context.Context, action string, start time.Time, status, message string) {
 	j.step++
 	end := time.Now()
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), dbTimeout)
 	defer cancel()
 	if _, err := j.pool.Exec(ctx, sqlJobStep, j.id, j.step, action, start, end,
 		end.Sub(start).Seconds(), status, message); err != nil {
@@ -62,7 +62,7 @@ func (j *jobLog) add(ctx context.Context, action string, start time.Time, status
 
 // end closes the job with its final status.
 func (j *jobLog) end(ctx context.Context, status string, rows int64) {
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), dbTimeout)
 	defer cancel()
 	if _, err := j.pool.Exec(ctx, sqlJobEnd, j.id, status, rows); err != nil {
 		j.log.Warn("cannot close job log", "error", err)

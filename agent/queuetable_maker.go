@@ -18,12 +18,6 @@ type queueMakerArgs struct {
 	PkType  []string `json:"pk_type"`
 }
 
-// Fault points a test can stop a run at (Config.FaultHook).
-const (
-	faultAfterDestCommit    = "after destination commit"
-	faultRepullBeforeCommit = "repull before destination commit"
-)
-
 // makeQueued sets up dml or logdel replication. The triggers and the
 // initial copy meet at one consistent point: one source session creates the
 // triggers (their locks wait for writers in flight) and exports a snapshot
@@ -180,14 +174,6 @@ func (a *Agent) destroyQueued(ctx context.Context, r *run, typ string) error {
 	}
 	r.note(ctx, "Remove source objects", "removed "+cfg.Names.Queue.String()+", "+cfg.Names.Function.String()+" and the triggers", false)
 	return a.destroyTable(ctx, r)
-}
-
-// fault lets a test stop a run at a named point (Config.FaultHook).
-func (a *Agent) fault(point string) error {
-	if a.cfg.FaultHook == nil {
-		return nil
-	}
-	return a.cfg.FaultHook(point)
 }
 
 func keyTypeOf(st *sourceTable, name, given string) string {

@@ -71,6 +71,7 @@ func (a *Agent) refreshQueued(ctx context.Context, r *run, typ string) error {
 		if err != nil {
 			return fmt.Errorf("refresh %s: apply batch %d: %w", r.dest, batches+1, err)
 		}
+		r.committed = total + rows
 		if err := a.fault(faultAfterDestCommit); err != nil {
 			return err
 		}

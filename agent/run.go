@@ -3,6 +3,7 @@ package agent
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"runtime/debug"
 	"time"
@@ -38,6 +39,7 @@ type run struct {
 	skipped   bool // ended without work, e.g. paused for a DST change
 	dirty     bool // ran DBA SQL that may have changed session state: close dst
 	rows      int64
+	committed int64 // rows of batches already committed, should a later one fail
 	message   string
 	warning   bool
 }
@@ -134,7 +136,10 @@ func lockTable(ctx context.Context, conn *pgxpool.Conn, dest string) (bool, erro
 	return err == nil, err
 }
 
-const sqlTableUnlock = `SELECT pg_advisory_unlock(hashtextextended('mimeo.table:' || $1, 0))`
+// sqlRunUnlock lets go of a run's table lock and its share of the schema
+// lock (see holdSchema).
+const sqlRunUnlock = `SELECT pg_advisory_unlock(hashtextextended('mimeo.table:' || $1, 0))
+    AND pg_advisory_unlock_shared(mimeo.schema_lock_key())`
 
 // execute runs one claimed request to its end and records the outcome.
 func (a *Agent) execute(ctx context.Context, req queue.Request) queue.Outcome {
@@ -146,7 +151,7 @@ func (a *Agent) execute(ctx context.Context, req queue.Request) queue.Outcome {
 		// Interrupted by shutdown. The run's connection, and with it the
 		// table lock, is gone by now, so whoever takes the request next
 		// will not find the table still locked.
-		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), dbTimeout)
 		defer cancel()
 		if err := queue.Requeue(rctx, a.pool, a.agentID(), req.ID, "requeued: interrupted by agent shutdown"); err != nil {
 			log.Error("cannot requeue interrupted request", "error", err)
@@ -156,7 +161,7 @@ func (a *Agent) execute(ctx context.Context, req queue.Request) queue.Outcome {
 	if out.Status != queue.StatusDone || out.JobID == 0 {
 		// Failures and skips are recorded here; successes were recorded in
 		// the run's own transaction.
-		fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+		fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), dbTimeout)
 		defer cancel()
 		if _, err := queue.Finish(fctx, a.pool, a.agentID(), req.ID, out); err != nil {
 			log.Error("cannot record request outcome", "error", err)
@@ -213,12 +218,27 @@ func (a *Agent) executeLogged(ctx context.Context, req queue.Request, log hclog.
 		return queue.Outcome{Status: queue.StatusSkipped, JobID: job.id, Message: msg}
 	}
 
+	if err := a.holdSchema(ctx, conn); err != nil {
+		// Never run against a schema this agent does not know: the request
+		// goes back to the queue for an agent that does. Closing the
+		// connection lets go of both locks.
+		r.note(context.WithoutCancel(ctx), "Check schema", err.Error(), true)
+		job.end(ctx, jobWarning, 0)
+		if errors.Is(err, ErrSchemaChanged) {
+			return queue.Outcome{}
+		}
+		return a.interrupted(ctx, req, log, fmt.Errorf("%s %s: %w", req.Action, req.DestTable, err))
+	}
+
 	log.Info("run started", "attempt", req.Attempts)
-	err = runHandler(ctx, h, r)
+	err = a.fault(faultRunStarted)
+	if err == nil {
+		err = runHandler(ctx, h, r)
+	}
 	if err == nil {
 		var unlocked bool
 		healthy = !r.dirty &&
-			conn.QueryRow(context.WithoutCancel(ctx), sqlTableUnlock, req.DestTable).Scan(&unlocked) == nil && unlocked
+			conn.QueryRow(context.WithoutCancel(ctx), sqlRunUnlock, req.DestTable).Scan(&unlocked) == nil && unlocked
 	}
 	elapsed := time.Since(r.started)
 	switch {
@@ -244,9 +264,10 @@ func (a *Agent) executeLogged(ctx context.Context, req queue.Request, log hclog.
 			return a.interrupted(ctx, req, log, err)
 		}
 		r.job.add(ctx, "Failed", time.Now(), jobCritical, err.Error())
-		job.end(ctx, jobCritical, 0)
-		log.Error("run failed", "error", err, "duration", elapsed.Round(time.Millisecond).String())
-		return queue.Outcome{Status: queue.StatusFailed, JobID: job.id, Error: err.Error()}
+		// Batches committed before the failure stay, and count.
+		job.end(ctx, jobCritical, r.committed)
+		log.Error("run failed", "error", err, "rows", r.committed, "duration", elapsed.Round(time.Millisecond).String())
+		return queue.Outcome{Status: queue.StatusFailed, JobID: job.id, Rows: r.committed, Error: err.Error()}
 	}
 }
 

@@ -30,10 +30,13 @@ func TestTableTypeReloadsAPlainTable(t *testing.T) {
 	e.done(`SELECT mimeo.table_destroyer('public.items_dev', 'ARCHIVE')`)
 	require.Equal(t, 600, e.count("public.items_dev"), "archive keeps the table")
 	require.Contains(t, e.sqlError(`SELECT mimeo.table_maker('public.items', $1, 'public.items_dev2', p_sequences => ARRAY['dev_seq'])`, e.dblink), "must be schema-qualified")
+	// A sequence the destination lacks is refused at once, queueing nothing.
+	require.Contains(t, e.sqlError(`SELECT mimeo.table_maker('public.items', $1, 'public.items_dev2', p_sequences => ARRAY['public.dev_seq'])`, e.dblink),
+		"p_sequences names public.dev_seq, which is not a sequence of this destination database")
+	e.exec(e.dst, `CREATE SEQUENCE public.dev_seq`)
 	e.done(`SELECT mimeo.table_maker('public.items', $1, 'public.items_dev2', p_sequences => ARRAY['public.dev_seq'])`, e.dblink)
 	// The DBA gives the dev copy a sequence default; refreshes keep the
 	// sequence past the rows loaded.
-	e.exec(e.dst, `CREATE SEQUENCE public.dev_seq`)
 	e.exec(e.dst, `ALTER TABLE public.items_dev2 ALTER COLUMN id SET DEFAULT nextval('public.dev_seq')`)
 	e.done(`SELECT mimeo.refresh_table('public.items_dev2')`)
 	var next int64

@@ -3,9 +3,14 @@ package agent
 import (
 	"context"
 	"fmt"
+	"time"
 
 	"github.com/jackc/pgx/v5"
 )
+
+// dbTimeout bounds the small bookkeeping writes made after a run's own
+// context may have ended (outcome, job log, agent row).
+const dbTimeout = 10 * time.Second
 
 // beginner starts transactions: a pool, a connection or a pool connection.
 type beginner interface {

@@ -3,6 +3,7 @@ package queue_test
 import (
 	"context"
 	"os"
+	"strconv"
 	"sync"
 	"testing"
 	"time"
@@ -46,7 +47,8 @@ func setup(t *testing.T) (context.Context, *pgxpool.Pool) {
 // registerAgent inserts an agent row; with a lock connection it is alive.
 func registerAgent(t *testing.T, ctx context.Context, pool *pgxpool.Pool, alive bool) int64 {
 	var id int64
-	require.NoError(t, pool.QueryRow(ctx, `INSERT INTO mimeo.agent (host, pid, version) VALUES ('test', 1, 'x') RETURNING id`).Scan(&id))
+	require.NoError(t, pool.QueryRow(ctx, `INSERT INTO mimeo.agent (host, pid, version, schema_version) VALUES ('test', 1, 'x', $1) RETURNING id`,
+		mimeosql.Version).Scan(&id))
 	if alive {
 		conn, err := pool.Acquire(ctx)
 		require.NoError(t, err)
@@ -67,10 +69,11 @@ func TestConcurrentClaimsAreDisjoint(t *testing.T) {
 	var mu sync.Mutex
 	seen := map[int64]int{}
 	var wg sync.WaitGroup
-	for w := range 5 {
+	for range 5 {
+		agentID := registerAgent(t, ctx, pool, false)
 		wg.Go(func() {
 			for {
-				reqs, err := queue.Claim(ctx, pool, int64(w+1), 3)
+				reqs, err := queue.Claim(ctx, pool, agentID, 3)
 				if err != nil || len(reqs) == 0 {
 					return
 				}
@@ -94,15 +97,16 @@ func TestFinishOnlyByTheHolder(t *testing.T) {
 	ctx, pool := setup(t)
 	id, err := queue.Enqueue(ctx, pool, "refresh_snap", "public.t", nil)
 	require.NoError(t, err)
-	req, err := queue.ClaimID(ctx, pool, 7, id)
+	holder := registerAgent(t, ctx, pool, false)
+	req, err := queue.ClaimID(ctx, pool, holder, id)
 	require.NoError(t, err)
-	_, err = queue.ClaimID(ctx, pool, 8, id)
+	_, err = queue.ClaimID(ctx, pool, holder+1, id)
 	require.ErrorIs(t, err, queue.ErrNotClaimed)
 
-	ok, err := queue.Finish(ctx, pool, 8, req.ID, queue.Outcome{Status: queue.StatusDone})
+	ok, err := queue.Finish(ctx, pool, holder+1, req.ID, queue.Outcome{Status: queue.StatusDone})
 	require.NoError(t, err)
 	require.False(t, ok, "another agent cannot finish it")
-	ok, err = queue.Finish(ctx, pool, 7, req.ID, queue.Outcome{Status: queue.StatusFailed, Error: "boom"})
+	ok, err = queue.Finish(ctx, pool, holder, req.ID, queue.Outcome{Status: queue.StatusFailed, Error: "boom"})
 	require.NoError(t, err)
 	require.True(t, ok)
 	var status, msg string
@@ -145,7 +149,33 @@ func TestRecoverOrphans(t *testing.T) {
 	var errText string
 	require.NoError(t, pool.QueryRow(ctx, `SELECT error FROM mimeo.request WHERE id = $1`, ids[2]).Scan(&errText))
 	require.Contains(t, errText, "stopped while running this request")
-	var agents int
-	require.NoError(t, pool.QueryRow(ctx, `SELECT count(*) FROM mimeo.agent`).Scan(&agents))
-	require.Equal(t, 1, agents, "the dead agent is forgotten")
+	var status string
+	require.NoError(t, pool.QueryRow(ctx, `SELECT status FROM mimeo.agent WHERE id = $1`, dead).Scan(&status))
+	require.Equal(t, "dead", status, "the dead agent is marked so; its row stays for a while")
+	require.NoError(t, pool.QueryRow(ctx, `SELECT status FROM mimeo.agent WHERE id = $1`, live).Scan(&status))
+	require.Equal(t, "running", status)
+}
+
+// The database itself refuses to let an agent of another schema version
+// claim (or record) a request: an agent left running through an upgrade
+// runs nothing.
+func TestClaimRefusesAnAgentOfAnotherSchemaVersion(t *testing.T) {
+	t.Parallel()
+	ctx, pool := setup(t)
+	var old int64
+	require.NoError(t, pool.QueryRow(ctx, `INSERT INTO mimeo.agent (host, pid, version) VALUES ('old', 1, '0.3.0') RETURNING id`).Scan(&old))
+	id, err := queue.Enqueue(ctx, pool, "refresh_snap", "public.t", nil)
+	require.NoError(t, err)
+	_, err = queue.Claim(ctx, pool, old, 1)
+	require.ErrorContains(t, err, "agent "+strconv.FormatInt(old, 10)+" runs for mimeo schema 0.3.0, but this database has schema "+mimeosql.Version)
+	_, err = queue.InsertRunning(ctx, pool, old, "refresh_snap", "public.t", nil)
+	require.ErrorContains(t, err, "it may not run requests")
+	var status string
+	require.NoError(t, pool.QueryRow(ctx, `SELECT status FROM mimeo.request WHERE id = $1`, id).Scan(&status))
+	require.Equal(t, queue.StatusQueued, status)
+
+	current := registerAgent(t, ctx, pool, true)
+	reqs, err := queue.Claim(ctx, pool, current, 1)
+	require.NoError(t, err)
+	require.Len(t, reqs, 1)
 }

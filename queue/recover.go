@@ -8,11 +8,13 @@ import (
 	"github.com/jackc/pgx/v5"
 )
 
-// An agent is dead when its liveness lock (mimeo.agent_lock_key(), id) is
-// no longer held on this database, or its heartbeat is older than $1.
+// An agent is dead when its row says it stopped or died, when its
+// liveness lock (mimeo.agent_lock_key(), id) is no longer held on this
+// database, or when its heartbeat is older than $1.
 const sqlDeadAgents = `
 SELECT a.id FROM mimeo.agent a
-WHERE a.last_seen < clock_timestamp() - $1::interval
+WHERE a.status NOT IN ('running', 'stopping')
+   OR a.last_seen < clock_timestamp() - $1::interval
    OR NOT EXISTS (
         SELECT 1 FROM pg_catalog.pg_locks l
         WHERE l.locktype = 'advisory' AND l.granted
@@ -58,10 +60,20 @@ UPDATE mimeo.job_log SET status = 'CRITICAL', end_time = clock_timestamp()
 WHERE status = 'RUNNING' AND (agent_id IN (SELECT id FROM dead)
       OR NOT EXISTS (SELECT 1 FROM mimeo.agent a WHERE a.id = job_log.agent_id))`
 
-const sqlForgetDeadAgents = `
+// Dead agents are marked so; their rows stay a day (the newest for good),
+// so a waiter can tell when an agent was last alive.
+const sqlMarkDeadAgents = `
 WITH dead AS (` + sqlDeadAgents + `)
-DELETE FROM mimeo.agent WHERE id IN (SELECT id FROM dead)
+UPDATE mimeo.agent SET status = 'dead', stopped_at = clock_timestamp(),
+    status_detail = coalesce(status_detail, 'judged dead: no heartbeat or liveness lock after ' || last_seen)
+WHERE id IN (SELECT id FROM dead) AND status IN ('running', 'stopping')
   AND NOT EXISTS (SELECT 1 FROM mimeo.request r WHERE r.status = 'running' AND r.agent_id = agent.id)`
+
+const sqlPruneAgents = `
+DELETE FROM mimeo.agent a
+WHERE a.status IN ('stopped', 'dead') AND coalesce(a.stopped_at, a.last_seen) < clock_timestamp() - interval '1 day'
+  AND a.id <> (SELECT id FROM mimeo.agent ORDER BY last_seen DESC LIMIT 1)
+  AND NOT EXISTS (SELECT 1 FROM mimeo.request r WHERE r.status = 'running' AND r.agent_id = a.id)`
 
 // Recovered lists what Recover did.
 type Recovered struct {
@@ -71,7 +83,7 @@ type Recovered struct {
 
 // Recover returns to the queue (or fails, after maxAttempts) the requests
 // of agents that died while running them, closes their job log entries and
-// forgets them. staleAfter bounds how old a live agent's heartbeat may be.
+// marks them dead. staleAfter bounds how old a live agent's heartbeat may be.
 func Recover(ctx context.Context, db DB, staleAfter time.Duration, maxAttempts int) (Recovered, error) {
 	var out Recovered
 	stale := fmt.Sprintf("%d milliseconds", staleAfter.Milliseconds())
@@ -98,8 +110,11 @@ func Recover(ctx context.Context, db DB, staleAfter time.Duration, maxAttempts i
 	if _, err := db.Exec(ctx, sqlCloseDeadJobs, stale); err != nil {
 		return out, fmt.Errorf("close jobs of dead agents: %w", err)
 	}
-	if _, err := db.Exec(ctx, sqlForgetDeadAgents, stale); err != nil {
-		return out, fmt.Errorf("forget dead agents: %w", err)
+	if _, err := db.Exec(ctx, sqlMarkDeadAgents, stale); err != nil {
+		return out, fmt.Errorf("mark dead agents: %w", err)
+	}
+	if _, err := db.Exec(ctx, sqlPruneAgents); err != nil {
+		return out, fmt.Errorf("prune agent rows: %w", err)
 	}
 	return out, nil
 }

@@ -19,7 +19,7 @@ import (
 var files embed.FS
 
 // Version is the schema version this binary installs and expects.
-const Version = "0.3.0"
+const Version = "0.4.0"
 
 // Files returns the embedded extension files (mimeo.control and the
 // mimeo--*.sql scripts), for copying into PostgreSQL's extension folder.
@@ -33,11 +33,11 @@ type step struct {
 
 var scriptName = regexp.MustCompile(`^mimeo--([0-9.]+)(?:--([0-9.]+))?\.sql$`)
 
-// steps lists the scripts that take a database from version `from` ("" for
-// none) to target: the newest full script not above target when starting
-// fresh, then upgrades in order.
-func steps(from, target string) ([]step, error) {
-	entries, err := fs.ReadDir(files, ".")
+// steps lists the scripts of scripts that take a database from version
+// `from` ("" for none) to target: the newest full script not above target
+// when starting fresh, then upgrades in order.
+func steps(scripts fs.FS, from, target string) ([]step, error) {
+	entries, err := fs.ReadDir(scripts, ".")
 	if err != nil {
 		return nil, fmt.Errorf("list embedded scripts: %w", err)
 	}
@@ -53,12 +53,12 @@ func steps(from, target string) ([]step, error) {
 			upgrades = append(upgrades, step{from: m[1], to: m[2], name: e.Name()})
 		}
 	}
-	sort.Slice(bases, func(i, j int) bool { return compareVersions(bases[i].to, bases[j].to) < 0 })
+	sort.Slice(bases, func(i, j int) bool { return CompareVersions(bases[i].to, bases[j].to) < 0 })
 	var path []step
 	current := from
 	if current == "" {
 		for _, b := range bases {
-			if compareVersions(b.to, target) <= 0 {
+			if CompareVersions(b.to, target) <= 0 {
 				path = []step{b}
 				current = b.to
 			}
@@ -67,7 +67,7 @@ func steps(from, target string) ([]step, error) {
 			return nil, fmt.Errorf("no install script for version %s", target)
 		}
 	}
-	for compareVersions(current, target) < 0 {
+	for CompareVersions(current, target) < 0 {
 		next := step{}
 		for _, u := range upgrades {
 			if u.from == current {
@@ -81,7 +81,7 @@ func steps(from, target string) ([]step, error) {
 		path = append(path, next)
 		current = next.to
 	}
-	if compareVersions(current, target) > 0 {
+	if CompareVersions(current, target) > 0 {
 		return nil, fmt.Errorf("%w: database has %s, this binary knows %s", ErrNewerSchema, current, target)
 	}
 	return path, nil
@@ -89,8 +89,8 @@ func steps(from, target string) ([]step, error) {
 
 // script returns a step's SQL made runnable outside CREATE EXTENSION: the
 // psql guard line and the pg_extension_config_dump calls are dropped.
-func script(name string) (string, error) {
-	b, err := files.ReadFile(name)
+func script(scripts fs.FS, name string) (string, error) {
+	b, err := fs.ReadFile(scripts, name)
 	if err != nil {
 		return "", fmt.Errorf("read embedded %s: %w", name, err)
 	}
@@ -104,8 +104,8 @@ func script(name string) (string, error) {
 	return out.String(), nil
 }
 
-// compareVersions orders dotted numeric versions ("0.10.0" > "0.9.1").
-func compareVersions(a, b string) int {
+// CompareVersions orders dotted numeric versions ("0.10.0" > "0.9.1").
+func CompareVersions(a, b string) int {
 	as, bs := strings.Split(a, "."), strings.Split(b, ".")
 	for i := 0; i < len(as) || i < len(bs); i++ {
 		var x, y int

@@ -108,6 +108,23 @@ func TestInstallsAsExtension(t *testing.T) {
 	res, err := mimeosql.Install(ctx, conn)
 	require.NoError(t, err)
 	require.True(t, res.Extension)
+
+	// A destination made with an earlier version of the extension updates
+	// to this one.
+	old := pgtest.Destination().NewDatabase(t, "", owner)
+	oldConn := connect(t, old)
+	_, err = oldConn.Exec(ctx, `CREATE EXTENSION mimeo VERSION '0.3.0'`)
+	require.NoError(t, err)
+	_, err = mimeosql.Install(ctx, oldConn)
+	require.ErrorContains(t, err, "ALTER EXTENSION mimeo UPDATE")
+	_, err = oldConn.Exec(ctx, `ALTER EXTENSION mimeo UPDATE`)
+	require.NoError(t, err)
+	var version string
+	require.NoError(t, oldConn.QueryRow(ctx, `SELECT mimeo.installed_version()`).Scan(&version))
+	require.Equal(t, mimeosql.Version, version)
+	res, err = mimeosql.Install(ctx, oldConn)
+	require.NoError(t, err)
+	require.True(t, res.Extension)
 }
 
 func binDir(t *testing.T) string {

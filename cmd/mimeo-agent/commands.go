@@ -2,11 +2,13 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"text/tabwriter"
 	"time"
 
+	"github.com/hashicorp/go-hclog"
 	"github.com/jackc/pgx/v5"
 
 	"github.com/mimeo-dev/mimeo/agent"
@@ -27,7 +29,7 @@ func cmdInstall(ctx context.Context, args []string, stdout, stderr io.Writer) er
 		return fmt.Errorf("connect to destination: %w", err)
 	}
 	defer conn.Close(context.WithoutCancel(ctx))
-	res, err := mimeosql.Install(ctx, conn)
+	res, err := mimeosql.Installer{Waiting: func(msg string) { fmt.Fprintln(stderr, "mimeo-agent install: "+msg) }}.Run(ctx, conn)
 	if err != nil {
 		return err
 	}
@@ -66,9 +68,13 @@ func cmdRun(ctx context.Context, args []string, stderr io.Writer) error {
 	return a.Run(ctx)
 }
 
+// cmdRefresh runs one refresh for cron: silent when it succeeds (cron
+// mails whatever a job prints), the error on stderr and exit status 1 when
+// it fails; -v logs the run and prints its outcome.
 func cmdRefresh(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	f := newFlags("refresh", "refresh [flags] <schema.table>", stderr)
-	debug := f.fs.Bool("debug", false, "log every step")
+	debug := f.fs.Bool("debug", false, "log every step (implies -v)")
+	verbose := f.fs.Bool("v", false, "log the run and print its outcome")
 	if err := f.fs.Parse(args); err != nil {
 		return err
 	}
@@ -80,7 +86,11 @@ func cmdRefresh(ctx context.Context, args []string, stdout, stderr io.Writer) er
 	if err != nil {
 		return err
 	}
-	a, err := agent.New(ctx, cfg, newLogger(cfg, stderr))
+	log := hclog.NewNullLogger()
+	if *verbose || *debug {
+		log = newLogger(cfg, stderr)
+	}
+	a, err := agent.New(ctx, cfg, log)
 	if err != nil {
 		return err
 	}
@@ -89,6 +99,9 @@ func cmdRefresh(ctx context.Context, args []string, stdout, stderr io.Writer) er
 	out, err := a.RefreshOnce(ctx, f.fs.Arg(0), *debug)
 	if err != nil {
 		return err
+	}
+	if !*verbose && !*debug {
+		return nil
 	}
 	fmt.Fprintf(stdout, "%s: %s (%d rows in %s)", f.fs.Arg(0), out.Status, out.Rows, time.Since(start).Round(time.Millisecond))
 	if out.Message != "" {
@@ -157,14 +170,14 @@ func cmdVersion(ctx context.Context, args []string, stdout, stderr io.Writer) er
 		return fmt.Errorf("connect to destination: %w", err)
 	}
 	defer conn.Close(context.WithoutCancel(ctx))
-	var installed *string
-	err = conn.QueryRow(ctx, `
-SELECT coalesce((SELECT extversion FROM pg_catalog.pg_extension WHERE extname = 'mimeo'),
-                (SELECT max(version) FROM mimeo.schema_version))`).Scan(&installed)
-	if err != nil || installed == nil {
+	installed, err := mimeosql.InstalledVersion(ctx, conn)
+	if errors.Is(err, mimeosql.ErrNotInstalled) {
 		fmt.Fprintln(stdout, "destination: mimeo not installed")
 		return nil
 	}
-	fmt.Fprintf(stdout, "destination: mimeo schema %s\n", *installed)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(stdout, "destination: mimeo schema %s\n", installed)
 	return nil
 }

@@ -24,12 +24,16 @@ const usage = `mimeo-agent: per-table PostgreSQL replication, driven from SQL.
 Usage:
   mimeo-agent install             create or upgrade the mimeo schema on the destination
   mimeo-agent run                 serve requests until SIGINT/SIGTERM
-  mimeo-agent refresh <table>     refresh one table now, synchronously (for cron)
+  mimeo-agent refresh <table>     refresh one table now, synchronously (for cron; quiet unless it fails, -v to see it)
   mimeo-agent status              one line per replicated table
   mimeo-agent version             print versions
 
 The destination database comes from MIMEO_DATABASE_URL or --database-url.
 Run "mimeo-agent <command> --help" for a command's flags.
+
+Exit status: 0 on success, 1 on failure, 2 for bad usage, 3 when the
+destination's mimeo schema is not this binary's version (install or
+upgrade it, or run the matching binary).
 `
 
 func main() {
@@ -72,11 +76,20 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return 0
 	case errors.Is(err, errUsage):
 		return 2
+	case errors.Is(err, agent.ErrSchemaMissing), errors.Is(err, agent.ErrSchemaChanged):
+		fmt.Fprintf(stderr, "mimeo-agent %s: %v\n", cmd, err)
+		return exitSchema
 	default:
 		fmt.Fprintf(stderr, "mimeo-agent %s: %v\n", cmd, err)
 		return 1
 	}
 }
+
+// exitSchema is the exit status when the destination's schema is not the
+// version this binary runs for (not installed, upgraded under a running
+// agent, or newer): a supervisor should start the matching binary, or the
+// DBA run mimeo-agent install.
+const exitSchema = 3
 
 var errUsage = errors.New("usage")
 

@@ -5,6 +5,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -46,7 +47,7 @@ func TestCommandLine(t *testing.T) {
 	require.Contains(t, stderr, "MIMEO_DATABASE_URL is not set")
 
 	code, _, stderr = cli("run", "--database-url", url)
-	require.Equal(t, 1, code)
+	require.Equal(t, exitSchema, code)
 	require.Contains(t, stderr, "run mimeo-agent install")
 
 	code, stdout, _ := cli("install", "--database-url", url)
@@ -91,12 +92,18 @@ GRANT SELECT ON public.t TO mimeo_repl`))
 		err := srcConn.QueryRow(ctx, `SELECT n_tup_ins FROM pg_stat_all_tables WHERE relid = 'public.t'::regclass`).Scan(&ins)
 		return err == nil && ins == 101
 	}, 15*time.Second, 50*time.Millisecond)
+	// Quiet on success (cron mails whatever a job prints); -v tells.
 	code, stdout, stderr = cli("refresh", "public.t")
 	require.Equal(t, 0, code, stderr)
-	require.Contains(t, stdout, "public.t: done (101 rows")
+	require.Empty(t, stdout)
+	require.Empty(t, stderr)
 	var n int
 	require.NoError(t, conn.QueryRow(ctx, `SELECT count(*) FROM public.t`).Scan(&n))
 	require.Equal(t, 101, n)
+	code, stdout, stderr = cli("refresh", "-v", "public.t")
+	require.Equal(t, 0, code, stderr)
+	require.Contains(t, stdout, "public.t: done (0 rows")
+	require.Contains(t, stderr, "run finished")
 
 	code, _, stderr = cli("refresh", "public.nope")
 	require.Equal(t, 1, code)
@@ -106,6 +113,7 @@ GRANT SELECT ON public.t TO mimeo_repl`))
 	code, _, stderr = cli("refresh", "public.t")
 	require.Equal(t, 1, code)
 	require.Contains(t, stderr, "source table does not exist")
+	require.Equal(t, 1, strings.Count(stderr, "\n"), "one line for cron: %s", stderr)
 
 	code, stdout, _ = cli("status")
 	require.Equal(t, 0, code)
