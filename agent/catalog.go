@@ -220,26 +220,6 @@ func indexOfColumn(cols []column, name string) int {
 
 func containsColumn(cols []column, name string) bool { return indexOfColumn(cols, name) >= 0 }
 
-// checkDestColumns makes sure the destination table still has every copied
-// column, with the same type (it may have more).
-func checkDestColumns(ctx context.Context, dst queue.DB, dest ident.Name, st *sourceTable) error {
-	current, err := relationColumns(ctx, dst, dest)
-	if err != nil {
-		return err
-	}
-	if current == nil {
-		return fmt.Errorf("destination table %s is missing (recreate it with the destroyer and maker)", dest)
-	}
-	for _, c := range st.Columns {
-		i := indexOfColumn(current, c.Name)
-		if i < 0 || current[i].Type != c.Type {
-			return fmt.Errorf("%w: column %q (%s) of %s does not match the destination; change the destination table to match, or recreate it",
-				ErrColumnsChanged, c.Name, c.Type, st.Name)
-		}
-	}
-	return nil
-}
-
 // quoteLiteral quotes a value PostgreSQL itself produced (a snapshot id, a
 // canonical control value) for a statement that takes no parameters.
 func quoteLiteral(s string) string { return "'" + strings.ReplaceAll(s, "'", "''") + "'" }

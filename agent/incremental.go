@@ -37,11 +37,13 @@ type incConfig struct {
 	DstStart   int
 	DstEnd     int
 	PkField    []string
+	Columns    []string // the source columns the destination was built with (nil: its own)
+	PostScript []string
 }
 
 const sqlIncConfig = `
 SELECT source_table, dblink, filter, coalesce(condition, ''), batch_limit, create_indexes,
-       control, control_type, boundary, last_value, dst_active, dst_start, dst_end, %s
+       control, control_type, boundary, last_value, dst_active, dst_start, dst_end, columns, post_script, %s
 FROM %s WHERE dest_table = $1`
 
 func loadIncConfig(ctx context.Context, q queue.DB, typ, dest string) (*incConfig, error) {
@@ -53,7 +55,7 @@ func loadIncConfig(ctx context.Context, q queue.DB, typ, dest string) (*incConfi
 	var kind string
 	err := q.QueryRow(ctx, fmt.Sprintf(sqlIncConfig, pk, typeConfigTable(typ)), dest).Scan(
 		&c.Source, &c.Dblink, &c.Filter, &c.Condition, &c.BatchLimit, &c.Indexes,
-		&c.Control, &kind, &c.Boundary, &c.LastValue, &c.DstActive, &c.DstStart, &c.DstEnd, &c.PkField)
+		&c.Control, &kind, &c.Boundary, &c.LastValue, &c.DstActive, &c.DstStart, &c.DstEnd, &c.Columns, &c.PostScript, &c.PkField)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return nil, fmt.Errorf("%s: %w as %s", dest, ErrNotConfigured, typ)
 	}
@@ -83,11 +85,15 @@ func (a *Agent) refreshIncremental(ctx context.Context, r *run, typ string) erro
 	if err != nil {
 		return err
 	}
-	src, st, err := a.openIncSource(ctx, r, cfg)
+	src, st, diff, err := a.openIncSource(ctx, r, cfg, args.Repull)
 	if err != nil {
 		return err
 	}
 	defer src.Release()
+	rebuild := args.Repull && args.RepullStart == nil && args.RepullEnd == nil
+	if !diff.none() && !rebuild {
+		return fmt.Errorf("refresh %s: %w", r.dest, columnsChangedError(st, diff, typ, r.req.DestTable))
+	}
 
 	if cfg.DstActive {
 		paused, msg, err := a.dstPause(ctx, src, cfg)
@@ -111,6 +117,14 @@ func (a *Agent) refreshIncremental(ctx context.Context, r *run, typ string) erro
 			if _, err := tx.Exec(ctx, "TRUNCATE "+r.dest.Sanitize()); err != nil {
 				return fmt.Errorf("truncate %s: %w", r.dest, err)
 			}
+			if !diff.none() {
+				if err := r.rebuildColumns(ctx, tx, diff, st, true, cfg.Indexes, cfg.PostScript); err != nil {
+					return err
+				}
+			}
+			if err := recordColumns(ctx, tx, typ, r.req.DestTable, st); err != nil {
+				return err
+			}
 			_, err := tx.Exec(ctx, "UPDATE "+typeConfigTable(typ)+" SET last_value = NULL WHERE dest_table = $1", r.req.DestTable)
 			return err
 		})
@@ -124,34 +138,41 @@ func (a *Agent) refreshIncremental(ctx context.Context, r *run, typ string) erro
 }
 
 // openIncSource connects to the source and checks that its table still
-// fits the config: control column of the same kind, key columns present,
-// and every copied column present on the destination with the same type.
-func (a *Agent) openIncSource(ctx context.Context, r *run, cfg *incConfig) (*pgxpool.Conn, *sourceTable, error) {
-	src, st, err := a.openSource(ctx, r, sourceSpec{Dblink: cfg.Dblink, Table: cfg.Source, Filter: cfg.Filter, Condition: cfg.Condition})
+// fits the config: control column of the same kind and key columns
+// present; it returns how the other columns changed (withIndexes: read the
+// source's indexes too, for a rebuild).
+func (a *Agent) openIncSource(ctx context.Context, r *run, cfg *incConfig, withIndexes bool) (*pgxpool.Conn, *sourceTable, columnDiff, error) {
+	src, st, err := a.openSource(ctx, r, sourceSpec{Dblink: cfg.Dblink, Table: cfg.Source, Filter: cfg.Filter,
+		Condition: cfg.Condition, Indexes: withIndexes && cfg.Indexes})
 	if err != nil {
-		return nil, nil, fmt.Errorf("refresh %s: %w", r.dest, err)
+		return nil, nil, columnDiff{}, fmt.Errorf("refresh %s: %w", r.dest, err)
 	}
-	if err := checkIncColumns(ctx, r.dst, r.dest, st, cfg); err != nil {
+	diff, err := checkIncColumns(ctx, r.dst, r.dest, st, cfg)
+	if err != nil {
 		src.Release()
-		return nil, nil, fmt.Errorf("refresh %s: %w", r.dest, err)
+		return nil, nil, columnDiff{}, fmt.Errorf("refresh %s: %w", r.dest, err)
 	}
-	return src, st, nil
+	return src, st, diff, nil
 }
 
-func checkIncColumns(ctx context.Context, dst queue.DB, dest ident.Name, st *sourceTable, cfg *incConfig) error {
+// checkIncColumns checks the control and key columns, which no rebuild
+// can change, and compares the others with those the destination was
+// built with.
+func checkIncColumns(ctx context.Context, dst queue.DB, dest ident.Name, st *sourceTable, cfg *incConfig) (columnDiff, error) {
 	kind, err := controlColumn(st, cfg.Control)
 	if err != nil {
-		return err
+		return columnDiff{}, err
 	}
 	if kind != cfg.Kind {
-		return fmt.Errorf("control column %q is now %s, was %s: recreate the table with the destroyer and maker", cfg.Control, kind, cfg.Kind)
+		return columnDiff{}, fmt.Errorf("control column %q is now %s, was %s: recreate the table with the destroyer and maker", cfg.Control, kind, cfg.Kind)
 	}
 	for _, k := range cfg.PkField {
 		if !containsColumn(st.Columns, k) {
-			return fmt.Errorf("key column %q is no longer a copied column of %s", k, st.Name)
+			return columnDiff{}, fmt.Errorf("%w: key column %q is no longer a copied column of %s (dropped or renamed); recreate the table with the destroyer and maker",
+				ErrColumnsChanged, k, st.Name)
 		}
 	}
-	return checkDestColumns(ctx, dst, dest, st)
+	return checkColumns(ctx, dst, dest, st, cfg.Columns)
 }
 
 // controlColumn finds the control column among the copied columns.
@@ -195,7 +216,7 @@ func (a *Agent) catchUp(ctx context.Context, r *run, src *pgxpool.Conn, cfg *inc
 		}
 		if end == "" { // caught up
 			return withTx(ctx, r.dst, func(tx pgx.Tx) error {
-				return a.finishInc(ctx, tx, r, cfg, total, batches, last)
+				return a.finishInc(ctx, tx, r, cfg, st, total, batches, last)
 			})
 		}
 		where := window(cfg.Kind, cfg.Control, deref(last), end, "<=", cfg.Condition)
@@ -210,7 +231,7 @@ func (a *Agent) catchUp(ctx context.Context, r *run, src *pgxpool.Conn, cfg *inc
 			}
 			if final {
 				l := end
-				return a.finishInc(ctx, tx, r, cfg, total+rows, batches+1, &l)
+				return a.finishInc(ctx, tx, r, cfg, st, total+rows, batches+1, &l)
 			}
 			return nil
 		})
@@ -241,9 +262,14 @@ func describeLast(last *string) string {
 }
 
 // finishInc records the run's end in its last transaction.
-func (a *Agent) finishInc(ctx context.Context, tx pgx.Tx, r *run, cfg *incConfig, rows int64, batches int, last *string) error {
+func (a *Agent) finishInc(ctx context.Context, tx pgx.Tx, r *run, cfg *incConfig, st *sourceTable, rows int64, batches int, last *string) error {
 	if _, err := tx.Exec(ctx, sqlRecordRun, r.req.DestTable, r.started); err != nil {
 		return fmt.Errorf("record run: %w", err)
+	}
+	if cfg.Columns == nil { // made before mimeo 0.4.0: record what it was built with
+		if err := recordColumns(ctx, tx, cfg.Type, r.req.DestTable, st); err != nil {
+			return err
+		}
 	}
 	msg := fmt.Sprintf("copied %d rows in %s; last_value %s", rows, plural(batches, "batch", "batches"), describeLast(last))
 	if batches == 0 {
@@ -412,7 +438,7 @@ func (a *Agent) repullRange(ctx context.Context, r *run, src *pgxpool.Conn, cfg 
 		return fmt.Errorf("repull %s: %w", r.dest, err)
 	}
 	if cfg.LastValue == nil { // nothing copied yet: nothing to re-pull
-		return withTx(ctx, r.dst, func(tx pgx.Tx) error { return a.finishInc(ctx, tx, r, cfg, 0, 0, nil) })
+		return withTx(ctx, r.dst, func(tx pgx.Tx) error { return a.finishInc(ctx, tx, r, cfg, st, 0, 0, nil) })
 	}
 	// Rows after last_value belong to the next catch-up, not to a repull:
 	// taking them here would copy them twice.

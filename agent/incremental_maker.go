@@ -24,8 +24,8 @@ type incMakerArgs struct {
 
 const sqlIncInsertConfig = `
 INSERT INTO %s (dest_table, type, dblink, source_table, filter, condition, create_indexes,
-                control, control_type, boundary, last_value, dst_active %s)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12 %s)`
+                control, control_type, boundary, last_value, dst_active, columns, post_script %s)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14 %s)`
 
 // makeIncremental sets up an inserter or updater table. A new destination
 // table is created with the source's indexes and, with p_pulldata, caught
@@ -67,8 +67,11 @@ func (a *Agent) makeIncremental(ctx context.Context, r *run, typ string) error {
 	if err != nil {
 		return fail(err)
 	}
+	// An existing destination table may have columns of its own: only the
+	// copied ones must match.
 	cfg := &incConfig{Type: typ, Source: args.SrcTable, Dblink: args.Dblink, Filter: args.Filter, Condition: args.Condition,
-		Indexes: args.indexes(), Control: args.Control, Kind: kind, Boundary: boundary, DstActive: dstActive, PkField: keys}
+		Indexes: args.indexes(), Control: args.Control, Kind: kind, Boundary: boundary, DstActive: dstActive, PkField: keys,
+		Columns: columnNames(st.Columns), PostScript: args.PostScript}
 
 	caughtUp := existing != nil || !args.pull()
 	err = withTx(ctx, r.dst, func(tx pgx.Tx) error {
@@ -94,10 +97,17 @@ func (a *Agent) makeIncremental(ctx context.Context, r *run, typ string) error {
 					return err
 				}
 			}
+			if err := r.runPostScript(ctx, tx, args.PostScript); err != nil {
+				return err
+			}
 			msg = fmt.Sprintf("created %s; nothing pulled (p_pulldata is false): the first refresh pulls everything", r.dest)
 		} else {
-			if err := checkIncColumns(ctx, tx, r.dest, st, cfg); err != nil {
+			diff, err := checkIncColumns(ctx, tx, r.dest, st, cfg)
+			if err != nil {
 				return err
+			}
+			if !diff.none() {
+				return fmt.Errorf("%w: the existing table %s does not match the source %s: %s", ErrColumnsChanged, r.dest, st.Name, diff)
 			}
 			start, err := startingValue(ctx, tx, src, r.dest, st, cfg)
 			if err != nil {
@@ -108,9 +118,9 @@ func (a *Agent) makeIncremental(ctx context.Context, r *run, typ string) error {
 		}
 		pkCols, pkVals := "", ""
 		params := []any{r.req.DestTable, typ, args.Dblink, args.SrcTable, nullIfEmpty(args.Filter), nullString(args.Condition),
-			args.indexes(), args.Control, string(kind), boundary, cfg.LastValue, dstActive}
+			args.indexes(), args.Control, string(kind), boundary, cfg.LastValue, dstActive, cfg.Columns, nullIfEmpty(args.PostScript)}
 		if typ == "updater" {
-			pkCols, pkVals = ", pk_field, pk_type", ", $13, $14"
+			pkCols, pkVals = ", pk_field, pk_type", ", $15, $16"
 			params = append(params, keys, keyTypes)
 		}
 		if _, err := tx.Exec(ctx, fmt.Sprintf(sqlIncInsertConfig, typeConfigTable(typ), pkCols, pkVals), params...); err != nil {

@@ -27,14 +27,19 @@ const deletedColumn = "mimeo_source_deleted"
 
 // queueConfig is a row of mimeo.refresh_config_dml or _logdel.
 type queueConfig struct {
-	Type       string
-	Source     string
-	Dblink     int
-	Filter     []string
-	Condition  string
-	BatchLimit int
-	PkField    []string
-	Names      triggers.Names
+	Type          string
+	Source        string
+	Dblink        int
+	Filter        []string
+	Condition     string
+	BatchLimit    int
+	Indexes       bool
+	PkField       []string
+	Columns       []string // the source columns the destination was built with (nil: its own)
+	PostScript    []string
+	Layout        int      // of the source objects, as last recorded
+	TriggerTables []string // tables carrying the triggers, as last recorded
+	Names         triggers.Names
 }
 
 func loadQueueConfig(ctx context.Context, q queue.DB, typ, dest string) (*queueConfig, error) {
@@ -42,9 +47,11 @@ func loadQueueConfig(ctx context.Context, q queue.DB, typ, dest string) (*queueC
 	var queueTable, function string
 	var trig []string
 	err := q.QueryRow(ctx, `
-SELECT source_table, dblink, filter, coalesce(condition, ''), batch_limit, pk_field, queue_table, trigger_function, triggers
+SELECT source_table, dblink, filter, coalesce(condition, ''), batch_limit, create_indexes, pk_field, columns,
+       post_script, source_layout, trigger_tables, queue_table, trigger_function, triggers
 FROM `+typeConfigTable(typ)+` WHERE dest_table = $1`, dest).Scan(
-		&c.Source, &c.Dblink, &c.Filter, &c.Condition, &c.BatchLimit, &c.PkField, &queueTable, &function, &trig)
+		&c.Source, &c.Dblink, &c.Filter, &c.Condition, &c.BatchLimit, &c.Indexes, &c.PkField, &c.Columns,
+		&c.PostScript, &c.Layout, &c.TriggerTables, &queueTable, &function, &trig)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return nil, fmt.Errorf("%s: %w as %s", dest, ErrNotConfigured, typ)
 	}
@@ -60,7 +67,8 @@ FROM `+typeConfigTable(typ)+` WHERE dest_table = $1`, dest).Scan(
 	if len(trig) != 4 {
 		return nil, fmt.Errorf("config of %s: triggers must name 4 triggers, has %d", dest, len(trig))
 	}
-	c.Names.Insert, c.Names.Update, c.Names.Delete, c.Names.KeyChange = trig[0], trig[1], trig[2], trig[3]
+	// Layout 1 named a key-change trigger where layout 2 has the TRUNCATE one.
+	c.Names.Insert, c.Names.Update, c.Names.Delete, c.Names.Truncate = trig[0], trig[1], trig[2], trig[3]
 	return c, nil
 }
 
@@ -101,27 +109,43 @@ func quoteNames(names []string) string {
 	return strings.Join(out, ", ")
 }
 
-// checkSourceSide tells the DBA what to do when the source is not ready
-// for triggers: the mimeo schema must exist and belong to the replication
-// role, which needs TRIGGER on the table.
-func checkSourceSide(ctx context.Context, src *pgxpool.Conn, table ident.Name) error {
-	var exists, owns, canTrigger bool
+// checkQueueSchema tells the DBA what to do when the source has no mimeo
+// schema of the replication role's own for the queue, and returns the
+// role's name, quoted.
+func checkQueueSchema(ctx context.Context, src *pgxpool.Conn) (string, error) {
+	var exists, owns bool
+	var role string
 	err := src.QueryRow(ctx, `
-SELECT n.oid IS NOT NULL,
-       coalesce(pg_has_role(n.nspowner, 'USAGE'), false),
-       has_table_privilege(to_regclass($2), 'TRIGGER')
-FROM (SELECT 1) one LEFT JOIN pg_catalog.pg_namespace n ON n.nspname = $1`, triggers.Schema, table.Sanitize()).Scan(&exists, &owns, &canTrigger)
+SELECT n.oid IS NOT NULL, coalesce(pg_has_role(n.nspowner, 'USAGE'), false), quote_ident(current_user)
+FROM (SELECT 1) one LEFT JOIN pg_catalog.pg_namespace n ON n.nspname = $1`, triggers.Schema).Scan(&exists, &owns, &role)
 	if err != nil {
-		return fmt.Errorf("check the source for triggers: %w", err)
+		return "", fmt.Errorf("check the source for triggers: %w", err)
 	}
 	if !exists {
-		return errors.New("the source has no schema mimeo for the queue: on the source run CREATE SCHEMA mimeo AUTHORIZATION <replication role>")
+		return "", fmt.Errorf("the source has no schema mimeo for the queue: on the source run CREATE SCHEMA mimeo AUTHORIZATION %s", role)
 	}
 	if !owns {
-		return errors.New("the replication role does not own the source's schema mimeo: on the source run ALTER SCHEMA mimeo OWNER TO <replication role>")
+		return "", fmt.Errorf("the replication role does not own the source's schema mimeo: on the source run ALTER SCHEMA mimeo OWNER TO %s", role)
 	}
-	if !canTrigger {
-		return fmt.Errorf("the replication role may not create triggers on %s: on the source run GRANT TRIGGER ON %s TO <replication role>", table, table)
+	return role, nil
+}
+
+// checkTriggerRights names the tables of the tree the replication role
+// may not put triggers on, with the GRANT that lets it.
+func checkTriggerRights(tree []treeMember, role string) error {
+	var missing []string
+	for _, m := range tree {
+		if !m.CanTrigger {
+			missing = append(missing, m.Name.String())
+		}
 	}
-	return nil
+	if len(missing) == 0 {
+		return nil
+	}
+	what := "the table"
+	if len(tree) > 1 {
+		what = "every table of the partition tree (a statement on a partition fires only that partition's triggers)"
+	}
+	return fmt.Errorf("the replication role needs TRIGGER on %s: on the source run GRANT TRIGGER ON %s TO %s",
+		what, strings.Join(missing, ", "), role)
 }

@@ -36,32 +36,40 @@ func (a *Agent) makeQueued(ctx context.Context, r *run, typ string) error {
 		return fail(err)
 	}
 	defer ddl.Release()
-	srcName := st.Name
 	keys, keyTypes, err := updaterKey(st, args.PkField, args.PkType)
 	if err != nil {
-		return fail(err)
-	}
-	if err := checkSourceSide(ctx, ddl, srcName); err != nil {
 		return fail(err)
 	}
 	var instance string
 	if err := r.dst.QueryRow(ctx, `SELECT id FROM mimeo.instance`).Scan(&instance); err != nil {
 		return fail(fmt.Errorf("read mimeo.instance: %w", err))
 	}
-	spec := triggers.Spec{Source: srcName, Logdel: typ == "logdel", Tag: triggers.Tag(instance, r.req.DestTable)}
+	spec := triggers.Spec{Source: st.Name, Logdel: typ == "logdel", Tag: triggers.Tag(instance, r.req.DestTable)}
 	for i, k := range keys {
 		spec.Keys = append(spec.Keys, triggers.Column{Name: k, Type: keyTypeOf(st, k, keyTypes[i])})
-	}
-	for _, c := range st.Columns {
-		spec.Columns = append(spec.Columns, triggers.Column{Name: c.Name, Type: c.Type})
 	}
 	if err := spec.Validate(); err != nil {
 		return fail(err)
 	}
-	if typ == "logdel" && containsColumn(st.Columns, deletedColumn) {
-		return fail(fmt.Errorf("source column %q clashes with the column logdel adds; leave it out with p_filter", deletedColumn))
+	for _, reserved := range []string{deletedColumn, presentColumn, existsColumn, triggers.ColDeletedAt} {
+		if containsColumn(st.Columns, reserved) {
+			return fail(fmt.Errorf("source column %q clashes with a column mimeo uses; leave it out with p_filter", reserved))
+		}
 	}
 	names := spec.Names()
+	role, err := checkQueueSchema(ctx, ddl)
+	if err != nil {
+		return fail(err)
+	}
+	// A partitioned table carries the triggers on every table of its tree.
+	tree, err := sourceTree(ctx, ddl, st.Name, names.Function)
+	if err != nil {
+		return fail(err)
+	}
+	spec.Tables = treeNames(tree)
+	if err := checkTriggerRights(tree, role); err != nil {
+		return fail(err)
+	}
 	// The source objects are named after this destination table: check it
 	// is free before touching them (the table lock keeps it free).
 	if err := withTx(ctx, r.dst, func(tx pgx.Tx) error { return checkNewDestination(ctx, tx, r.dest) }); err != nil {
@@ -118,7 +126,9 @@ func (a *Agent) makeQueued(ctx context.Context, r *run, typ string) error {
 			return err
 		}
 		if typ == "logdel" {
-			if _, err := tx.Exec(ctx, "ALTER TABLE "+r.dest.Sanitize()+" ADD COLUMN "+ident.Quote(deletedColumn)+" timestamptz"); err != nil {
+			// Deleted rows are what a logdel copy is looked up by.
+			if _, err := tx.Exec(ctx, "ALTER TABLE "+r.dest.Sanitize()+" ADD COLUMN "+ident.Quote(deletedColumn)+" timestamptz; "+
+				"CREATE INDEX "+ident.Quote(ident.Derive(r.dest.Table, "_"+deletedColumn))+" ON "+r.dest.Sanitize()+" ("+ident.Quote(deletedColumn)+")"); err != nil {
 				return fmt.Errorf("add %s: %w", deletedColumn, err)
 			}
 		}
@@ -127,12 +137,15 @@ func (a *Agent) makeQueued(ctx context.Context, r *run, typ string) error {
 		}
 		if _, err := tx.Exec(ctx, `INSERT INTO `+typeConfigTable(typ)+`
     (dest_table, type, dblink, source_table, filter, condition, create_indexes, last_run,
-     pk_field, pk_type, queue_table, trigger_function, triggers)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)`,
+     pk_field, pk_type, queue_table, trigger_function, triggers, columns, post_script, source_layout, trigger_tables)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)`,
 			r.req.DestTable, typ, args.Dblink, args.SrcTable, nullIfEmpty(args.Filter), nullString(args.Condition),
 			args.indexes(), lastRun(args.pull(), r), keys, keyTypes, names.Queue.String(), names.Function.String(),
-			names.Triggers()); err != nil {
+			names.Triggers(), columnNames(st.Columns), nullIfEmpty(args.PostScript), triggers.Layout, treeStrings(tree)); err != nil {
 			return fmt.Errorf("record config: %w", err)
+		}
+		if err := r.runPostScript(ctx, tx, args.PostScript); err != nil {
+			return err
 		}
 		return r.complete(ctx, tx, rows, fmt.Sprintf("created %s and the source's queue %s; copied %d rows", r.dest, names.Queue, rows))
 	})

@@ -16,8 +16,10 @@ import (
 	"github.com/mimeo-dev/mimeo/triggers"
 )
 
-// refreshQueued replays the queue in batches until it is empty, or, with
-// p_repull, reloads the table at a point consistent with the queue.
+// refreshQueued replays the queue in batches until it is empty, then
+// applies the TRUNCATEs queued meanwhile; or, with p_repull, reloads the
+// table at a point consistent with the queue (rebuilding it first when the
+// source's columns changed).
 func (a *Agent) refreshQueued(ctx context.Context, r *run, typ string) error {
 	var args incRefreshArgs
 	if err := r.args(&args); err != nil {
@@ -27,14 +29,12 @@ func (a *Agent) refreshQueued(ctx context.Context, r *run, typ string) error {
 	if err != nil {
 		return err
 	}
-	src, st, err := a.openSource(ctx, r, sourceSpec{Dblink: cfg.Dblink, Table: cfg.Source, Filter: cfg.Filter, Condition: cfg.Condition})
+	src, st, err := a.openSource(ctx, r, sourceSpec{Dblink: cfg.Dblink, Table: cfg.Source, Filter: cfg.Filter,
+		Condition: cfg.Condition, Indexes: args.Repull && cfg.Indexes})
 	if err != nil {
 		return fmt.Errorf("refresh %s: %w", r.dest, err)
 	}
 	defer src.Release()
-	if err := checkQueuedColumns(ctx, r, st, cfg); err != nil {
-		return fmt.Errorf("refresh %s: %w", r.dest, err)
-	}
 	var queueExists bool
 	if err := src.QueryRow(ctx, `SELECT to_regclass($1) IS NOT NULL`, cfg.Names.Queue.Sanitize()).Scan(&queueExists); err != nil {
 		return fmt.Errorf("refresh %s: look up queue: %w", r.dest, err)
@@ -42,8 +42,28 @@ func (a *Agent) refreshQueued(ctx context.Context, r *run, typ string) error {
 	if !queueExists {
 		return fmt.Errorf("refresh %s: the source queue %s is missing: recreate the table with %s_destroyer and %s_maker", r.dest, cfg.Names.Queue, typ, typ)
 	}
+	// Before anything else: writes to the source must go on being queued
+	// whatever is wrong with the destination.
+	vanished, err := a.syncSourceObjects(ctx, r, src, cfg, st)
+	if err != nil {
+		return fmt.Errorf("refresh %s: %w", r.dest, err)
+	}
+	diff, err := checkColumns(ctx, r.dst, r.dest, st, cfg.Columns, deletedColumn)
+	if err != nil {
+		return fmt.Errorf("refresh %s: %w", r.dest, err)
+	}
 	if args.Repull {
-		return a.repullQueued(ctx, r, src, cfg, st)
+		if typ == "logdel" {
+			// A TRUNCATE queued before the repull still marks its rows
+			// deleted: logdel keeps them.
+			if err := a.pruneVanished(ctx, r, src, cfg, st, vanished); err != nil {
+				return fmt.Errorf("repull %s: %w", r.dest, err)
+			}
+		}
+		return a.repullQueued(ctx, r, src, cfg, st, diff)
+	}
+	if !diff.none() {
+		return fmt.Errorf("refresh %s: %w", r.dest, columnsChangedError(st, diff, typ, r.req.DestTable))
 	}
 	limit := cfg.BatchLimit
 	if args.Limit != nil {
@@ -88,9 +108,20 @@ func (a *Agent) refreshQueued(ctx context.Context, r *run, typ string) error {
 			return ctx.Err()
 		}
 	}
+	// After the replay, so that logdel has recorded the deletions queued
+	// with their values before a TRUNCATE marks the rest.
+	if err := a.pruneVanished(ctx, r, src, cfg, st, vanished); err != nil {
+		return fmt.Errorf("refresh %s: %w", r.dest, err)
+	}
+	total = r.committed
 	return withTx(ctx, r.dst, func(tx pgx.Tx) error {
 		if _, err := tx.Exec(ctx, sqlRecordRun, r.req.DestTable, r.started); err != nil {
 			return fmt.Errorf("record run: %w", err)
+		}
+		if cfg.Columns == nil { // made before mimeo 0.4.0: record what it was built with
+			if err := recordColumns(ctx, tx, typ, r.req.DestTable, st); err != nil {
+				return err
+			}
 		}
 		msg := fmt.Sprintf("replayed %s; %d rows written", plural(batches, "batch", "batches"), total)
 		r.note(ctx, "Summary", msg, false)
@@ -98,16 +129,12 @@ func (a *Agent) refreshQueued(ctx context.Context, r *run, typ string) error {
 	})
 }
 
-// checkQueuedColumns makes sure the key columns are still copied and the
-// destination still has every copied column, with the same type.
-func checkQueuedColumns(ctx context.Context, r *run, st *sourceTable, cfg *queueConfig) error {
-	for _, k := range cfg.PkField {
-		if !containsColumn(st.Columns, k) {
-			return fmt.Errorf("%w: key column %q is no longer a column of %s; recreate the table with the destroyer and maker",
-				ErrColumnsChanged, k, st.Name)
-		}
+// recordColumns records the source columns a destination is built with.
+func recordColumns(ctx context.Context, tx pgx.Tx, typ, dest string, st *sourceTable) error {
+	if _, err := tx.Exec(ctx, "UPDATE "+typeConfigTable(typ)+" SET columns = $2 WHERE dest_table = $1", dest, columnNames(st.Columns)); err != nil {
+		return fmt.Errorf("record columns: %w", err)
 	}
-	return checkDestColumns(ctx, r.dst, r.dest, st)
+	return nil
 }
 
 // claimBatch gives up to limit unclaimed queue entries the batch's token,
@@ -122,9 +149,11 @@ func claimBatch(ctx context.Context, src *pgxpool.Conn, cfg *queueConfig, limit 
 		return 0, err
 	}
 	defer func() { _ = tx.Rollback(context.WithoutCancel(ctx)) }()
+	// TRUNCATE markers are applied by pruneVanished, never in a batch.
+	change := ident.Quote(triggers.ColTruncated) + " IS NULL"
 	var n int64
 	if leftovers {
-		tag, err := tx.Exec(ctx, "UPDATE "+q+" SET "+claimed+" = $1 WHERE "+claimed+" IS NOT NULL", token)
+		tag, err := tx.Exec(ctx, "UPDATE "+q+" SET "+claimed+" = $1 WHERE "+claimed+" IS NOT NULL AND "+change, token)
 		if err != nil {
 			return 0, err
 		}
@@ -135,7 +164,7 @@ func claimBatch(ctx context.Context, src *pgxpool.Conn, cfg *queueConfig, limit 
 		// address, in no particular order (the source's current rows are
 		// what gets applied, whatever the order).
 		tag, err := tx.Exec(ctx, "UPDATE "+q+" SET "+claimed+" = $1 WHERE ctid = ANY(ARRAY(SELECT ctid FROM "+q+
-			" WHERE "+claimed+" IS NULL LIMIT $2))", token, limit)
+			" WHERE "+claimed+" IS NULL AND "+change+" LIMIT $2))", token, limit)
 		if err != nil {
 			return 0, err
 		}
@@ -153,6 +182,11 @@ const sqlKeyedJoins = `SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejo
 // sqlAnyJoins undoes sqlKeyedJoins for what follows in the transaction.
 const sqlAnyJoins = `SET LOCAL enable_hashjoin = on; SET LOCAL enable_mergejoin = on`
 
+// existsColumn marks, in the staging table, a claimed key the source has,
+// whether inside the condition or not: a logdel key the source lost without
+// a deletion queued (TRUNCATE) is left for pruneVanished to mark.
+const existsColumn = "mimeo_exists"
+
 // presentColumn marks, in the staging table, a claimed key whose row the
 // source still has (the other columns are NULL when it does not).
 const presentColumn = "mimeo_present"
@@ -169,27 +203,32 @@ func applyQueued(ctx context.Context, tx pgx.Tx, src *pgxpool.Conn, cfg *queueCo
 	cols := columnList(st.Columns)
 	stage := ident.Quote("mimeo_stage_rows")
 	present := ident.Quote(presentColumn)
-	// Key columns from the queue, the others from the source row.
+	// Key columns from the queue (cast back from its wider types), the
+	// others from the source row. The condition is written against the
+	// source table alone, so it is applied in a subquery of its own.
 	var picks []string
 	for _, c := range st.Columns {
 		if slices.Contains(cfg.PkField, c.Name) {
-			picks = append(picks, "k."+ident.Quote(c.Name))
+			picks = append(picks, "k."+ident.Quote(c.Name)+"::"+c.Type)
 		} else {
 			picks = append(picks, "t."+ident.Quote(c.Name))
 		}
 	}
-	on := keyMatch(cfg.PkField, "t", "k")
+	rows, inCondition := st.Name.Sanitize(), "t."+ident.Quote(cfg.PkField[0])+" IS NOT NULL"
 	if cfg.Condition != "" {
-		on += " AND " + whereClause(cfg.Condition)[len("WHERE "):]
+		rows = "(SELECT *, " + strings.TrimPrefix(whereClause(cfg.Condition), "WHERE ") + " AS mimeo_in_condition FROM " + st.Name.Sanitize() + ")"
+		inCondition = "t.mimeo_in_condition IS TRUE"
 	}
-	if _, err := tx.Exec(ctx, "CREATE TEMP TABLE "+stage+" ("+columnDefs(unconstrained(st.Columns))+", "+present+" boolean) ON COMMIT DROP"); err != nil {
+	exists := ident.Quote(existsColumn)
+	if _, err := tx.Exec(ctx, "CREATE TEMP TABLE "+stage+" ("+columnDefs(unconstrained(st.Columns))+", "+present+" boolean, "+
+		exists+" boolean) ON COMMIT DROP"); err != nil {
 		return 0, fmt.Errorf("create staging table: %w", err)
 	}
 	if _, err := copyRows(ctx, src.Conn().PgConn(),
-		"COPY (SELECT "+strings.Join(picks, ", ")+", t."+ident.Quote(cfg.PkField[0])+" IS NOT NULL"+
+		"COPY (SELECT "+strings.Join(picks, ", ")+", "+inCondition+", t."+ident.Quote(cfg.PkField[0])+" IS NOT NULL"+
 			" FROM (SELECT DISTINCT "+keys+" FROM "+q+" WHERE "+mine+") k"+
-			" LEFT JOIN "+st.Name.Sanitize()+" t ON "+on+") TO STDOUT (FORMAT binary)",
-		tx.Conn().PgConn(), "COPY "+stage+" ("+cols+", "+present+") FROM STDIN (FORMAT binary, FREEZE)"); err != nil {
+			" LEFT JOIN "+rows+" t ON "+keyMatch(cfg.PkField, "t", "k")+") TO STDOUT (FORMAT binary)",
+		tx.Conn().PgConn(), "COPY "+stage+" ("+cols+", "+present+", "+exists+") FROM STDIN (FORMAT binary, FREEZE)"); err != nil {
 		return 0, fmt.Errorf("copy queued keys and current rows: %w", err)
 	}
 	d := dest.Sanitize()
@@ -209,7 +248,7 @@ func applyQueued(ctx context.Context, tx pgx.Tx, src *pgxpool.Conn, cfg *queueCo
 	}
 
 	// logdel: the last deletion queued for each key of the batch.
-	stageDel, err := stageDeletions(ctx, tx, src.Conn().PgConn(), cfg, st, mine+" AND ")
+	stageDel, err := stageDeletions(ctx, tx, src.Conn().PgConn(), cfg, st, "q."+mine+" AND ")
 	if err != nil {
 		return 0, err
 	}
@@ -218,22 +257,35 @@ func applyQueued(ctx context.Context, tx pgx.Tx, src *pgxpool.Conn, cfg *queueCo
 
 // stageDeletions copies, for each key, the last deletion in the source
 // queue (among the entries that pass filter, a condition followed by AND,
-// or "") into a staging table and returns its name.
+// or "") into a staging table and returns its name. The queue keeps a
+// deleted row as jsonb; it is read back as a row of the source table as it
+// is now (a column added since is NULL, one dropped is left out).
 func stageDeletions(ctx context.Context, tx pgx.Tx, src *pgconn.PgConn, cfg *queueConfig, st *sourceTable, filter string) (string, error) {
 	deletedAt := ident.Quote(triggers.ColDeletedAt)
-	keys := quoteNames(cfg.PkField)
+	keys := prefixNames("q.", cfg.PkField)
 	cols := columnList(st.Columns)
 	stageDel := ident.Quote("mimeo_stage_deleted")
 	if _, err := tx.Exec(ctx, "CREATE TEMP TABLE "+stageDel+" ("+columnDefs(unconstrained(st.Columns))+", "+deletedAt+" timestamptz) ON COMMIT DROP"); err != nil {
 		return "", fmt.Errorf("create staging table: %w", err)
 	}
 	if _, err := copyRows(ctx, src,
-		"COPY (SELECT DISTINCT ON ("+keys+") "+cols+", "+deletedAt+" FROM "+cfg.Names.Queue.Sanitize()+" WHERE "+filter+deletedAt+
-			" IS NOT NULL ORDER BY "+keys+", "+deletedAt+" DESC) TO STDOUT (FORMAT binary)",
+		"COPY (SELECT DISTINCT ON ("+keys+") "+prefixNames("r.", columnNames(st.Columns))+", q."+deletedAt+
+			" FROM "+cfg.Names.Queue.Sanitize()+" q CROSS JOIN LATERAL jsonb_populate_record(NULL::"+st.Name.Sanitize()+
+			", q."+ident.Quote(triggers.ColRow)+") r WHERE "+filter+"q."+deletedAt+
+			" IS NOT NULL ORDER BY "+keys+", q."+deletedAt+" DESC) TO STDOUT (FORMAT binary)",
 		tx.Conn().PgConn(), "COPY "+stageDel+" ("+cols+", "+deletedAt+") FROM STDIN (FORMAT binary, FREEZE)"); err != nil {
 		return "", fmt.Errorf("copy deleted rows: %w", err)
 	}
 	return stageDel, nil
+}
+
+// prefixNames quotes names and puts a table alias before each.
+func prefixNames(alias string, names []string) string {
+	out := make([]string, len(names))
+	for i, n := range names {
+		out[i] = alias + ident.Quote(n)
+	}
+	return strings.Join(out, ", ")
 }
 
 // applyLogdel applies a logdel batch from its staging tables (stage: every
@@ -253,7 +305,7 @@ func applyLogdel(ctx context.Context, tx pgx.Tx, cfg *queueConfig, st *sourceTab
 	// a new deletion loses whatever the destination has; any other key in
 	// play loses only its live row (an old key, or one that left the
 	// condition).
-	inPlay := "(SELECT " + keys + ", " + present + " AS whole FROM " + stage +
+	inPlay := "(SELECT " + keys + ", " + present + " AS whole FROM " + stage + " WHERE " + present + " OR " + ident.Quote(existsColumn) +
 		" UNION ALL SELECT " + keys + ", true FROM " + stageDel + ")"
 	gone := "DELETE FROM " + d + " d USING " + inPlay + " k WHERE " + keyMatch(cfg.PkField, "d", "k") +
 		" AND (k.whole OR d." + marked + " IS NULL)"
@@ -299,7 +351,10 @@ func applyLogdel(ctx context.Context, tx pgx.Tx, cfg *queueConfig, st *sourceTab
 // removes exactly the queue entries that snapshot already contains; later
 // entries stay for the next replay. A failure anywhere loses no change.
 // logdel keeps its deletion history, and adds the deletions still queued.
-func (a *Agent) repullQueued(ctx context.Context, r *run, src *pgxpool.Conn, cfg *queueConfig, st *sourceTable) error {
+func (a *Agent) repullQueued(ctx context.Context, r *run, src *pgxpool.Conn, cfg *queueConfig, st *sourceTable, diff columnDiff) error {
+	if err := retypeQueueKeys(ctx, src, cfg, st); err != nil {
+		return fmt.Errorf("repull %s: %w", r.dest, err)
+	}
 	snap, err := src.BeginTx(ctx, pgx.TxOptions{IsoLevel: pgx.RepeatableRead, AccessMode: pgx.ReadWrite})
 	if err != nil {
 		return fmt.Errorf("repull %s: %w", r.dest, err)
@@ -318,11 +373,20 @@ func (a *Agent) repullQueued(ctx context.Context, r *run, src *pgxpool.Conn, cfg
 				return err
 			}
 		}
+		if !diff.none() {
+			// logdel keeps its deleted rows: their values are cast.
+			if err := r.rebuildColumns(ctx, tx, diff, st, cfg.Type == "dml", cfg.Indexes, cfg.PostScript); err != nil {
+				return err
+			}
+		}
+		if err := recordColumns(ctx, tx, cfg.Type, r.req.DestTable, st); err != nil {
+			return err
+		}
 		target := r.dest
 		if cfg.Type == "logdel" {
 			target = ident.Name{Schema: "pg_temp", Table: "mimeo_stage_rows"}
 			if _, err := tx.Exec(ctx, "CREATE TEMP TABLE "+ident.Quote("mimeo_stage_rows")+" ("+columnDefs(st.Columns)+", "+
-				ident.Quote(presentColumn)+" boolean NOT NULL DEFAULT true) ON COMMIT DROP"); err != nil {
+				ident.Quote(presentColumn)+" boolean NOT NULL DEFAULT true, "+ident.Quote(existsColumn)+" boolean NOT NULL DEFAULT true) ON COMMIT DROP"); err != nil {
 				return err
 			}
 		}
@@ -365,6 +429,44 @@ func (a *Agent) repullQueued(ctx context.Context, r *run, src *pgxpool.Conn, cfg
 	}
 	if err := snap.Commit(ctx); err != nil {
 		r.log.Warn("cannot remove queue entries covered by the repull; they will be replayed", "error", err)
+	}
+	return nil
+}
+
+// retypeQueueKeys gives the queue's key columns the types the source's
+// key columns call for now (a key retyped beyond its kind: integer to
+// uuid, say). Entries whose keys cannot be converted are dropped: the
+// repull that follows, in a later snapshot, covers them.
+func retypeQueueKeys(ctx context.Context, src *pgxpool.Conn, cfg *queueConfig, st *sourceTable) error {
+	rows, err := src.Query(ctx, `SELECT attname, format_type(atttypid, atttypmod) FROM pg_catalog.pg_attribute
+WHERE attrelid = $1::regclass AND attname = ANY($2) AND NOT attisdropped`, cfg.Names.Queue.Sanitize(), cfg.PkField)
+	if err != nil {
+		return fmt.Errorf("read the queue's key columns: %w", err)
+	}
+	have, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (column, error) {
+		var c column
+		err := row.Scan(&c.Name, &c.Type)
+		return c, err
+	})
+	if err != nil {
+		return fmt.Errorf("read the queue's key columns: %w", err)
+	}
+	q := cfg.Names.Queue.Sanitize()
+	for _, h := range have {
+		want := triggers.QueueType(st.Columns[indexOfColumn(st.Columns, h.Name)].Type)
+		if want == triggers.QueueType(h.Type) {
+			continue
+		}
+		k := ident.Quote(h.Name)
+		err := execSource(ctx, src, []string{sqlDDLLockTimeout,
+			"ALTER TABLE " + q + " ALTER COLUMN " + k + " TYPE " + want + " USING " + k + "::text::" + want})
+		if err != nil {
+			err = execSource(ctx, src, []string{sqlDDLLockTimeout, "DELETE FROM " + q,
+				"ALTER TABLE " + q + " ALTER COLUMN " + k + " TYPE " + want + " USING NULL::" + want})
+		}
+		if err != nil {
+			return fmt.Errorf("retype key column %s of queue %s to %s: %w", k, q, want, lockHint(err))
+		}
 	}
 	return nil
 }
