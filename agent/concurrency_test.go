@@ -178,7 +178,9 @@ func TestAgentKilledMidBatch(t *testing.T) {
 	e.exec(e.app, `GRANT SELECT ON public.feed TO `+replRole)
 	cmd := e.startAgentProcess()
 	e.done(`SELECT mimeo.inserter_maker('public.feed', 'at', $1, p_boundary => '0', p_pulldata => false)`, e.dblink)
-	e.exec(e.dst, `UPDATE mimeo.refresh_config_inserter SET batch_limit = 100, condition = $$pg_sleep(0.001)::text = ''$$`)
+	// p_pulldata false starts after the source's now(): start over from
+	// the beginning instead, slowly and in small batches.
+	e.exec(e.dst, `UPDATE mimeo.refresh_config_inserter SET batch_limit = 100, last_value = NULL, condition = $$pg_sleep(0.001)::text = ''$$`)
 	id := e.request(`SELECT mimeo.refresh_inserter('public.feed')`)
 
 	// Kill once a few batches have committed.

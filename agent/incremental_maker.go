@@ -29,8 +29,10 @@ VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14 %s)`
 
 // makeIncremental sets up an inserter or updater table. A new destination
 // table is created with the source's indexes and, with p_pulldata, caught
-// up in batches like a refresh. An existing one is used as it is: nothing
-// is pulled, and replication starts after its highest control value.
+// up in batches like a refresh. Without p_pulldata, or onto an existing
+// table used as it is, nothing is pulled: as in the original mimeo,
+// replication starts after the table's highest control value or, when it
+// has none, where the source is now (see startingValue).
 func (a *Agent) makeIncremental(ctx context.Context, r *run, typ string) error {
 	var args incMakerArgs
 	if err := r.args(&args); err != nil {
@@ -100,7 +102,7 @@ func (a *Agent) makeIncremental(ctx context.Context, r *run, typ string) error {
 			if err := r.runPostScript(ctx, tx, args.PostScript); err != nil {
 				return err
 			}
-			msg = fmt.Sprintf("created %s; nothing pulled (p_pulldata is false): the first refresh pulls everything", r.dest)
+			msg = fmt.Sprintf("created %s; nothing pulled (p_pulldata is false)", r.dest)
 		} else {
 			diff, err := checkIncColumns(ctx, tx, r.dest, st, cfg)
 			if err != nil {
@@ -109,12 +111,15 @@ func (a *Agent) makeIncremental(ctx context.Context, r *run, typ string) error {
 			if !diff.none() {
 				return fmt.Errorf("%w: the existing table %s does not match the source %s: %s", ErrColumnsChanged, r.dest, st.Name, diff)
 			}
+			msg = fmt.Sprintf("using the existing table %s: nothing pulled", r.dest)
+		}
+		if caughtUp {
 			start, err := startingValue(ctx, tx, src, r.dest, st, cfg)
 			if err != nil {
 				return err
 			}
 			cfg.LastValue = &start
-			msg = fmt.Sprintf("using the existing table %s: nothing pulled; replication starts after %s = %s", r.dest, cfg.Control, start)
+			msg += fmt.Sprintf("; replication starts after %s = %s", cfg.Control, start)
 		}
 		pkCols, pkVals := "", ""
 		params := []any{r.req.DestTable, typ, args.Dblink, args.SrcTable, nullIfEmpty(args.Filter), nullString(args.Condition),
@@ -172,8 +177,10 @@ func normalizeBoundary(ctx context.Context, src *pgxpool.Conn, kind controlKind,
 	}
 }
 
-// startingValue is where replication into an existing table starts: its
-// highest control value, or where the source is now when it is empty.
+// startingValue is where replication starts when the maker pulls nothing
+// (an existing table, or p_pulldata false): the destination's highest
+// control value, or where the source is now when it has none (its now()
+// for a timestamp control column, its max for a serial one).
 func startingValue(ctx context.Context, tx pgx.Tx, src *pgxpool.Conn, dest ident.Name, st *sourceTable, cfg *incConfig) (string, error) {
 	c := ident.Quote(cfg.Control)
 	var v *string

@@ -36,7 +36,9 @@ SELECT g, '2024-01-01 00:00+00'::timestamptz + (g / 3) * interval '1 second', 'r
 	e.startAgent(e.config())
 
 	e.done(`SELECT mimeo.inserter_maker('public.events', 'ts', $1, p_boundary => '1 second', p_pulldata => false)`, e.dblink)
-	e.exec(e.dst, `UPDATE mimeo.refresh_config_inserter SET batch_limit = 4`)
+	// p_pulldata false starts after the source's now(): start over from
+	// the beginning instead, in small batches.
+	e.exec(e.dst, `UPDATE mimeo.refresh_config_inserter SET batch_limit = 4, last_value = NULL`)
 	o := e.done(`SELECT mimeo.refresh_inserter('public.events')`)
 	require.EqualValues(t, 65, *o.Rows)
 	require.Contains(t, *o.Message, "batches")
@@ -257,4 +259,56 @@ func TestIncrementalBadInput(t *testing.T) {
 	var configs int
 	require.NoError(t, e.dst.QueryRow(e.ctx, `SELECT count(*) FROM mimeo.refresh_config`).Scan(&configs))
 	require.Equal(t, 1, configs)
+}
+
+// With p_pulldata false the maker copies nothing and replication starts
+// where the source is at the maker's time (its now() for a timestamp
+// control column, its max for a serial one), as in the original mimeo:
+// the first refresh copies only rows written after the maker.
+func TestIncrementalMakerWithoutData(t *testing.T) {
+	t.Parallel()
+	e := setup(t)
+	e.exec(e.app, `CREATE TABLE public.tz (id int PRIMARY KEY, at timestamptz NOT NULL DEFAULT clock_timestamp())`)
+	e.exec(e.app, `INSERT INTO public.tz (id, at) SELECT g, now() - g * interval '1 minute' FROM generate_series(1, 20) g`)
+	e.exec(e.app, `CREATE TABLE public.local (id int PRIMARY KEY, at timestamp NOT NULL DEFAULT clock_timestamp())`)
+	e.exec(e.app, `INSERT INTO public.local (id, at) SELECT g, localtimestamp - g * interval '1 minute' FROM generate_series(1, 20) g`)
+	e.exec(e.app, `CREATE TABLE public.ser (id bigserial PRIMARY KEY, v text)`)
+	e.exec(e.app, `INSERT INTO public.ser (v) SELECT 'old ' || g FROM generate_series(1, 20) g`)
+	e.exec(e.app, `GRANT SELECT ON public.tz, public.local, public.ser TO `+replRole)
+	e.startAgent(e.config())
+
+	var before string
+	require.NoError(t, e.src.QueryRow(e.ctx, `SELECT clock_timestamp()::text`).Scan(&before))
+	for _, c := range []struct{ typ, table, sqlType string }{
+		{"inserter", "public.tz", "timestamptz"},
+		{"updater", "public.local", "timestamp"},
+	} {
+		o := e.done(`SELECT mimeo.`+c.typ+`_maker($1, 'at', $2, p_boundary => '0', p_pulldata => false)`, c.table, e.dblink)
+		require.Zero(t, e.count(c.table), c.table)
+		last := e.lastValue(c.typ, c.table)
+		require.NotEmpty(t, last, "%s: last_value is set", c.table)
+		var between bool
+		require.NoError(t, e.src.QueryRow(e.ctx, `SELECT $1::text::`+c.sqlType+` BETWEEN $2::timestamptz::`+c.sqlType+` AND clock_timestamp()::`+c.sqlType,
+			last, before).Scan(&between))
+		require.True(t, between, "%s: last_value %s is the source's time at the maker", c.table, last)
+		require.Contains(t, *o.Message, "replication starts after at = "+last)
+	}
+	o := e.done(`SELECT mimeo.inserter_maker('public.ser', 'id', $1, p_boundary => '0', p_pulldata => false)`, e.dblink)
+	require.Zero(t, e.count("public.ser"))
+	require.Equal(t, "20", e.lastValue("inserter", "public.ser"), "the source's max")
+	require.Contains(t, *o.Message, "replication starts after id = 20")
+
+	e.exec(e.app, `INSERT INTO public.tz (id) VALUES (100), (101)`)
+	e.exec(e.app, `INSERT INTO public.local (id) VALUES (100), (101), (102)`)
+	e.exec(e.app, `UPDATE public.local SET at = clock_timestamp() WHERE id = 5`) // the updater takes a row changed after the maker
+	e.exec(e.app, `INSERT INTO public.ser (v) SELECT 'new ' || g FROM generate_series(1, 4) g`)
+	o = e.done(`SELECT mimeo.refresh_inserter('public.tz')`)
+	require.EqualValues(t, 2, *o.Rows)
+	require.Equal(t, checksum(t, e.ctx, e.src, `(SELECT * FROM public.tz WHERE id >= 100)`), checksum(t, e.ctx, e.dst, "public.tz"))
+	o = e.done(`SELECT mimeo.refresh_updater('public.local')`)
+	require.EqualValues(t, 4, *o.Rows)
+	require.Equal(t, checksum(t, e.ctx, e.src, `(SELECT * FROM public.local WHERE id >= 100 OR id = 5)`), checksum(t, e.ctx, e.dst, "public.local"))
+	o = e.done(`SELECT mimeo.refresh_inserter('public.ser')`)
+	require.EqualValues(t, 4, *o.Rows)
+	require.Equal(t, checksum(t, e.ctx, e.src, `(SELECT * FROM public.ser WHERE id > 20)`), checksum(t, e.ctx, e.dst, "public.ser"))
 }
