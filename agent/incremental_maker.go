@@ -3,6 +3,7 @@ package agent
 import (
 	"context"
 	"fmt"
+	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -150,7 +151,8 @@ func (a *Agent) makeIncremental(ctx context.Context, r *run, typ string) error {
 }
 
 // normalizeBoundary checks the boundary against the control column's kind
-// and returns it in canonical form; NULL means 10 minutes or 1.
+// and returns it in canonical form; NULL means 10 minutes or 1. A timestamp
+// column's boundary needs a unit: a bare number other than zero is refused.
 func normalizeBoundary(ctx context.Context, src *pgxpool.Conn, kind controlKind, given *string) (string, error) {
 	b := strings.TrimSpace(deref(given))
 	switch {
@@ -162,6 +164,10 @@ func normalizeBoundary(ctx context.Context, src *pgxpool.Conn, kind controlKind,
 		return "00:10:00", nil
 	case b == "":
 		return "1", nil
+	case kind.timed() && bareNumber.MatchString(b) && !isZero(b):
+		// PostgreSQL would read it as seconds; a zero needs no unit.
+		return "", fmt.Errorf("boundary %s has no unit; for a timestamp control column give an interval such as %s (or 'auto')",
+			quoteLiteral(b), quoteLiteral(strings.TrimPrefix(b, "+")+" minutes"))
 	case kind.timed():
 		var canon string
 		if err := src.QueryRow(ctx, `SELECT $1::interval::text`, b).Scan(&canon); err != nil {
@@ -175,6 +181,15 @@ func normalizeBoundary(ctx context.Context, src *pgxpool.Conn, kind controlKind,
 		}
 		return strconv.FormatInt(n, 10), nil
 	}
+}
+
+// bareNumber is a boundary without a unit.
+var bareNumber = regexp.MustCompile(`^[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)$`)
+
+// isZero reports whether a bare number is zero.
+func isZero(number string) bool {
+	f, err := strconv.ParseFloat(number, 64)
+	return err == nil && f == 0
 }
 
 // startingValue is where replication starts when the maker pulls nothing

@@ -246,6 +246,11 @@ func TestIncrementalBadInput(t *testing.T) {
 	require.Contains(t, e.sqlError(`SELECT mimeo.inserter_maker('public.nokey', NULL, $1)`, e.dblink), "p_control_field is required")
 	require.Contains(t, e.failed(`SELECT mimeo.inserter_maker('public.nokey', 'nope', $1)`, e.dblink), `control column "nope" is not a column`)
 	require.Contains(t, e.failed(`SELECT mimeo.inserter_maker('public.nokey', 'label', $1)`, e.dblink), "must be timestamptz, timestamp or an integer")
+	// PostgreSQL reads a bare number as seconds; nobody means that.
+	require.Contains(t, e.failed(`SELECT mimeo.inserter_maker('public.nokey', 'at', $1, p_boundary => '5')`, e.dblink),
+		"boundary '5' has no unit; for a timestamp control column give an interval such as '5 minutes' (or 'auto')")
+	require.Contains(t, e.failed(`SELECT mimeo.updater_maker('public.nokey', 'at', $1, p_boundary => ' 2.5', p_pk_field => ARRAY['n'], p_pk_type => ARRAY['int'])`, e.dblink),
+		"boundary '2.5' has no unit")
 	require.Contains(t, e.failed(`SELECT mimeo.inserter_maker('public.nokey', 'n', $1, p_boundary => 'auto')`, e.dblink), "needs a timestamp control column")
 	require.Contains(t, e.failed(`SELECT mimeo.inserter_maker('public.nokey', 'n', $1, p_boundary => '10 minutes')`, e.dblink), "must be a non-negative integer")
 	require.Contains(t, e.failed(`SELECT mimeo.updater_maker('public.nokey', 'at', $1)`, e.dblink), "no primary key or unique index")
