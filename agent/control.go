@@ -1,7 +1,6 @@
 package agent
 
 import (
-	"fmt"
 	"strings"
 
 	"github.com/mimeo-dev/mimeo/internal/ident"
@@ -92,9 +91,11 @@ func window(k controlKind, control, lower, upper, upperOp, condition string) str
 	return "WHERE " + strings.Join(parts, " AND ")
 }
 
+// describeKind names a control column of kind k in a sentence, such as
+// "for an integer control column".
 func describeKind(k controlKind) string {
 	if k.timed() {
-		return fmt.Sprintf("%s (boundary is an interval or 'auto')", k)
+		return "a " + string(k) + " control column"
 	}
-	return "an integer (boundary is an integer)"
+	return "an integer control column"
 }

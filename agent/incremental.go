@@ -236,7 +236,7 @@ func (a *Agent) catchUp(ctx context.Context, r *run, src *pgxpool.Conn, cfg *inc
 			return nil
 		})
 		if err != nil {
-			return fmt.Errorf("refresh %s: batch %d after %s: %w", r.dest, batches+1, describeLast(last), err)
+			return fmt.Errorf("refresh %s: batch %d (%s): %w", r.dest, batches+1, describeLast(last), err)
 		}
 		total += rows
 		batches++
@@ -254,11 +254,13 @@ func (a *Agent) catchUp(ctx context.Context, r *run, src *pgxpool.Conn, cfg *inc
 	}
 }
 
+// describeLast says in a clause where a table stands: "last_value is
+// <value>", or "nothing copied yet" before its first row.
 func describeLast(last *string) string {
 	if last == nil {
-		return "the start"
+		return "nothing copied yet"
 	}
-	return *last
+	return "last_value is " + *last
 }
 
 // finishInc records the run's end in its last transaction.
@@ -271,9 +273,9 @@ func (a *Agent) finishInc(ctx context.Context, tx pgx.Tx, r *run, cfg *incConfig
 			return err
 		}
 	}
-	msg := fmt.Sprintf("copied %d rows in %s; last_value %s", rows, plural(batches, "batch", "batches"), describeLast(last))
+	msg := fmt.Sprintf("copied %s in %s; %s", plural(int(rows), "row", "rows"), plural(batches, "batch", "batches"), describeLast(last))
 	if batches == 0 {
-		msg = "nothing new on the source; last_value " + describeLast(last)
+		msg = "nothing new on the source; " + describeLast(last)
 	}
 	r.note(ctx, "Summary", msg, false)
 	return r.complete(ctx, tx, rows, msg)

@@ -159,7 +159,7 @@ func normalizeBoundary(ctx context.Context, src *pgxpool.Conn, kind controlKind,
 	case strings.EqualFold(b, "auto") && kind.timed():
 		return "auto", checkStatsVisible(ctx, src)
 	case strings.EqualFold(b, "auto"):
-		return "", fmt.Errorf("boundary 'auto' needs a timestamp control column; for %s give an integer boundary", describeKind(kind))
+		return "", fmt.Errorf("boundary 'auto' needs a timestamp control column; for %s give an integer boundary such as '1'", describeKind(kind))
 	case b == "" && kind.timed():
 		return "00:10:00", nil
 	case b == "":
@@ -171,13 +171,13 @@ func normalizeBoundary(ctx context.Context, src *pgxpool.Conn, kind controlKind,
 	case kind.timed():
 		var canon string
 		if err := src.QueryRow(ctx, `SELECT $1::interval::text`, b).Scan(&canon); err != nil {
-			return "", fmt.Errorf("boundary %q is not an interval: %w", b, err)
+			return "", fmt.Errorf("boundary %s is not an interval: %w", quoteLiteral(b), err)
 		}
 		return canon, nil
 	default:
 		n, err := strconv.ParseInt(b, 10, 64)
 		if err != nil || n < 0 {
-			return "", fmt.Errorf("boundary %q must be a non-negative integer for %s", b, describeKind(kind))
+			return "", fmt.Errorf("boundary %s must be a non-negative integer for %s", quoteLiteral(b), describeKind(kind))
 		}
 		return strconv.FormatInt(n, 10), nil
 	}

@@ -251,8 +251,10 @@ func TestIncrementalBadInput(t *testing.T) {
 		"boundary '5' has no unit; for a timestamp control column give an interval such as '5 minutes' (or 'auto')")
 	require.Contains(t, e.failed(`SELECT mimeo.updater_maker('public.nokey', 'at', $1, p_boundary => ' 2.5', p_pk_field => ARRAY['n'], p_pk_type => ARRAY['int'])`, e.dblink),
 		"boundary '2.5' has no unit")
-	require.Contains(t, e.failed(`SELECT mimeo.inserter_maker('public.nokey', 'n', $1, p_boundary => 'auto')`, e.dblink), "needs a timestamp control column")
-	require.Contains(t, e.failed(`SELECT mimeo.inserter_maker('public.nokey', 'n', $1, p_boundary => '10 minutes')`, e.dblink), "must be a non-negative integer")
+	require.Contains(t, e.failed(`SELECT mimeo.inserter_maker('public.nokey', 'n', $1, p_boundary => 'auto')`, e.dblink),
+		"boundary 'auto' needs a timestamp control column; for an integer control column give an integer boundary such as '1'")
+	require.Contains(t, e.failed(`SELECT mimeo.inserter_maker('public.nokey', 'n', $1, p_boundary => '10 minutes')`, e.dblink),
+		"boundary '10 minutes' must be a non-negative integer for an integer control column")
 	require.Contains(t, e.failed(`SELECT mimeo.updater_maker('public.nokey', 'at', $1)`, e.dblink), "no primary key or unique index")
 	require.Contains(t, e.failed(`SELECT mimeo.updater_maker('public.nokey', 'at', $1, p_pk_field => ARRAY['zz'], p_pk_type => ARRAY['int'])`, e.dblink), `p_pk_field names "zz"`)
 
@@ -316,4 +318,21 @@ func TestIncrementalMakerWithoutData(t *testing.T) {
 	o = e.done(`SELECT mimeo.refresh_inserter('public.ser')`)
 	require.EqualValues(t, 4, *o.Rows)
 	require.Equal(t, checksum(t, e.ctx, e.src, `(SELECT * FROM public.ser WHERE id > 20)`), checksum(t, e.ctx, e.dst, "public.ser"))
+}
+
+// Run messages read as English, before and after the first rows.
+func TestIncrementalRunMessages(t *testing.T) {
+	t.Parallel()
+	e := setup(t)
+	e.exec(e.app, `CREATE TABLE public.empty (id bigint PRIMARY KEY)`)
+	e.exec(e.app, `GRANT SELECT ON public.empty TO `+replRole)
+	e.startAgent(e.config())
+
+	o := e.done(`SELECT mimeo.inserter_maker('public.empty', 'id', $1, p_boundary => '0')`, e.dblink)
+	require.Equal(t, "nothing new on the source; nothing copied yet", *o.Message)
+	e.exec(e.app, `INSERT INTO public.empty SELECT generate_series(1, 3)`)
+	o = e.done(`SELECT mimeo.refresh_inserter('public.empty')`)
+	require.Equal(t, "copied 3 rows in 1 batch; last_value is 3", *o.Message)
+	o = e.done(`SELECT mimeo.refresh_inserter('public.empty')`)
+	require.Equal(t, "nothing new on the source; last_value is 3", *o.Message)
 }
