@@ -39,3 +39,18 @@ func hasCode(err error, code string) bool {
 	var pgErr *pgconn.PgError
 	return errors.As(err, &pgErr) && pgErr.Code == code
 }
+
+// serverError returns the PostgreSQL error a failed connection attempt
+// wraps, or err as it is when the server never answered. pgx joins the
+// errors of every attempt it made: with sslmode=prefer (libpq's default)
+// it tries TLS first and then plaintext, so a wrong password would read
+// "tls error: server refused TLS connection" before the password failure.
+// The server's own answer (a wrong password, an unknown database, no
+// pg_hba.conf entry) is what tells the DBA what to fix.
+func serverError(err error) error {
+	var pgErr *pgconn.PgError
+	if errors.As(err, &pgErr) {
+		return pgErr
+	}
+	return err
+}

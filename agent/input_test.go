@@ -2,7 +2,9 @@ package agent_test
 
 import (
 	"errors"
+	"fmt"
 	"net"
+	"strings"
 	"testing"
 
 	"github.com/jackc/pgx/v5/pgconn"
@@ -60,10 +62,19 @@ func TestBadInputFailsTheRequest(t *testing.T) {
 	require.Contains(t, e.failed(`SELECT mimeo.snapshot_maker('public.items', $1, p_condition => 'true); DROP TABLE public.items; --')`, e.dblink),
 		"condition")
 
+	// A wrong password over TCP with libpq's default sslmode (prefer): pgx
+	// first tries TLS, which the test server refuses, then plaintext. The
+	// DBA reads the server's answer first, not the TLS refusal.
 	var wrongPass, unreachable int
-	require.NoError(t, e.dst.QueryRow(e.ctx, `INSERT INTO mimeo.dblink_mapping (data_source, username, pwd)
-SELECT data_source, username, 'wrong' FROM mimeo.dblink_mapping WHERE data_source_id = $1 RETURNING data_source_id`, e.dblink).Scan(&wrongPass))
-	require.Contains(t, e.failed(`SELECT mimeo.snapshot_maker('public.items', $1)`, wrongPass), "password authentication failed")
+	require.NoError(t, e.dst.QueryRow(e.ctx, `INSERT INTO mimeo.dblink_mapping (data_source, username, pwd) VALUES ($1, $2, 'wrong-pw-4711') RETURNING data_source_id`,
+		fmt.Sprintf("host=127.0.0.1 port=%d dbname=%s", pgtest.Source().Port, e.srcDB), replRole).Scan(&wrongPass))
+	msg := e.failed(`SELECT mimeo.snapshot_maker('public.items', $1)`, wrongPass)
+	prefix := fmt.Sprintf("connect to source %d (host=127.0.0.1 port=%d dbname=%s user=%s): ", wrongPass, pgtest.Source().Port, e.srcDB, replRole)
+	_, reason, ok := strings.Cut(msg, prefix)
+	require.True(t, ok, "names the source: %s", msg)
+	require.True(t, strings.HasPrefix(reason, `FATAL: password authentication failed for user "`+replRole+`" (SQLSTATE 28P01)`), "starts with the server's answer: %s", msg)
+	require.NotContains(t, msg, "TLS")
+	require.NotContains(t, msg, "wrong-pw-4711")
 
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	require.NoError(t, err)
@@ -71,7 +82,7 @@ SELECT data_source, username, 'wrong' FROM mimeo.dblink_mapping WHERE data_sourc
 	require.NoError(t, l.Close())
 	require.NoError(t, e.dst.QueryRow(e.ctx, `INSERT INTO mimeo.dblink_mapping (data_source, username, pwd) VALUES ($1, 'x', 'y') RETURNING data_source_id`,
 		e.sourceInfo(closedPort)).Scan(&unreachable))
-	msg := e.failed(`SELECT mimeo.snapshot_maker('public.items', $1)`, unreachable)
+	msg = e.failed(`SELECT mimeo.snapshot_maker('public.items', $1)`, unreachable)
 	require.Contains(t, msg, "connect to source")
 	require.Contains(t, msg, "connection refused")
 
