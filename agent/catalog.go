@@ -45,6 +45,9 @@ type sourceTable struct {
 	// the write counters alone; nil unless Plain.
 	Filenode *int64
 	Indexes  []index
+	// AllColumns are all the table's columns, which Indexes refer to;
+	// Columns are only those p_filter copies.
+	AllColumns []column
 }
 
 const (
@@ -108,6 +111,7 @@ func describeSource(ctx context.Context, q queue.DB, name ident.Name, filter []s
 	if err != nil {
 		return nil, fmt.Errorf("read columns of source table %s: %w", name, err)
 	}
+	t.AllColumns = cols
 	if t.Columns, err = filterColumns(cols, filter); err != nil {
 		return nil, fmt.Errorf("source table %s: %w", name, err)
 	}

@@ -181,6 +181,8 @@ func TestDMLMakerBadInput(t *testing.T) {
 	e.exec(e.src, `ALTER SCHEMA mimeo OWNER TO `+replRole)
 	require.Contains(t, e.failed(`SELECT mimeo.dml_maker('public.t', $1)`, e.dblink), "GRANT TRIGGER ON")
 	require.Contains(t, e.failed(`SELECT mimeo.logdel_maker('public.nokey', $1)`, e.dblink), "no primary key or unique index")
+	require.Contains(t, e.failed(`SELECT mimeo.dml_maker('public.t', $1, p_filter => ARRAY['v'])`, e.dblink),
+		"p_filter must include the key columns (id) of public.t")
 	require.Contains(t, e.sqlError(`SELECT mimeo.dml_maker('public.t', $1, p_pk_type => ARRAY['int'])`, e.dblink), "must be given together")
 	require.Zero(t, e.sourceObjects(), "nothing half-created on the source")
 

@@ -217,21 +217,16 @@ func startingValue(ctx context.Context, tx pgx.Tx, src *pgxpool.Conn, dest ident
 }
 
 // updaterKey picks the columns rows are replaced by: p_pk_field when given,
-// else the source's primary key, else its first unique index by name.
+// else the source's primary key, else its first unique index by name, of
+// those whose columns are all copied.
 func updaterKey(st *sourceTable, field, types []string) ([]string, []string, error) {
-	has := func(name string) (column, bool) {
-		i := slices.IndexFunc(st.Columns, func(c column) bool { return c.Name == name })
-		if i < 0 {
-			return column{}, false
-		}
-		return st.Columns[i], true
-	}
 	if len(field) > 0 {
 		for _, f := range field {
-			c, ok := has(f)
-			if !ok {
+			i := indexOfColumn(st.Columns, f)
+			if i < 0 {
 				return nil, nil, fmt.Errorf("p_pk_field names %q, which is not a copied column of %s", f, st.Name)
 			}
+			c := st.Columns[i]
 			// A table says whether a column may be NULL (a view cannot):
 			// a NULL key matches nothing and would never be replaced.
 			if st.Plain && !c.NotNull {
@@ -250,22 +245,37 @@ func updaterKey(st *sourceTable, field, types []string) ([]string, []string, err
 		}
 		return strings.Compare(x.Name, y.Name)
 	})
+	// Indexes name columns of the whole table; p_filter may leave some out.
+	var leftOut []string // the first usable key with columns p_filter leaves out
 	for _, ix := range candidates {
 		if !ix.Unique || ix.HasExpr || len(ix.Columns) == 0 {
 			continue
 		}
 		var cols, typs []string
+		usable, copied := true, true
 		for _, name := range ix.Columns {
-			c, ok := has(name)
-			if !ok || !c.NotNull { // as for a replica identity: no NULLs in a key
-				cols = nil
+			i := indexOfColumn(st.AllColumns, name)
+			if i < 0 || !st.AllColumns[i].NotNull { // as for a replica identity: no NULLs in a key
+				usable = false
 				break
 			}
-			cols, typs = append(cols, c.Name), append(typs, c.Type)
+			copied = copied && containsColumn(st.Columns, name)
+			cols, typs = append(cols, name), append(typs, st.AllColumns[i].Type)
 		}
-		if cols != nil {
+		switch {
+		case usable && copied:
 			return cols, typs, nil
+		case usable && leftOut == nil:
+			leftOut = cols
 		}
+	}
+	if leftOut != nil {
+		names := make([]string, len(leftOut))
+		for i, c := range leftOut {
+			names[i] = ident.Display(c)
+		}
+		return nil, nil, fmt.Errorf("p_filter must include the key columns (%s) of %s to replace rows by, or give p_pk_field and p_pk_type",
+			strings.Join(names, ", "), st.Name)
 	}
 	return nil, nil, fmt.Errorf("source table %s has no primary key or unique index to replace rows by: give p_pk_field and p_pk_type", st.Name)
 }

@@ -238,7 +238,8 @@ func TestIncrementalBadInput(t *testing.T) {
 	t.Parallel()
 	e := setup(t)
 	e.exec(e.app, `CREATE TABLE public.nokey (n int NOT NULL, at timestamptz, label text)`)
-	e.exec(e.app, `GRANT SELECT ON public.nokey TO `+replRole)
+	e.exec(e.app, `CREATE TABLE public.pair (a int, b int, at timestamptz NOT NULL, PRIMARY KEY (a, b))`)
+	e.exec(e.app, `GRANT SELECT ON public.nokey, public.pair TO `+replRole)
 	e.startAgent(e.config())
 
 	require.Contains(t, e.sqlError(`SELECT mimeo.updater_maker('public.nokey', 'at', $1, p_pk_field => ARRAY['n'])`, e.dblink), "must be given together")
@@ -256,6 +257,8 @@ func TestIncrementalBadInput(t *testing.T) {
 	require.Contains(t, e.failed(`SELECT mimeo.inserter_maker('public.nokey', 'n', $1, p_boundary => '10 minutes')`, e.dblink),
 		"boundary '10 minutes' must be a non-negative integer for an integer control column")
 	require.Contains(t, e.failed(`SELECT mimeo.updater_maker('public.nokey', 'at', $1)`, e.dblink), "no primary key or unique index")
+	require.Contains(t, e.failed(`SELECT mimeo.updater_maker('public.pair', 'at', $1, p_filter => ARRAY['a', 'at'])`, e.dblink),
+		"p_filter must include the key columns (a, b) of public.pair")
 	require.Contains(t, e.failed(`SELECT mimeo.updater_maker('public.nokey', 'at', $1, p_pk_field => ARRAY['zz'], p_pk_type => ARRAY['int'])`, e.dblink), `p_pk_field names "zz"`)
 
 	require.Contains(t, e.failed(`SELECT mimeo.updater_maker('public.nokey', 'at', $1, p_pk_field => ARRAY['label'], p_pk_type => ARRAY['text'])`, e.dblink), "must be NOT NULL")

@@ -87,9 +87,12 @@ func (n Name) Sanitize() string { return pgx.Identifier{n.Schema, n.Table}.Sanit
 
 // String returns the name for messages, as PostgreSQL's format('%I.%I')
 // prints it: parts are quoted only when they need to be. Use Sanitize for SQL.
-func (n Name) String() string { return display(n.Schema) + "." + display(n.Table) }
+func (n Name) String() string { return Display(n.Schema) + "." + Display(n.Table) }
 
-func display(s string) string {
+// Display returns one identifier (a column, say) for messages, quoted only
+// when it needs to be, as String quotes the parts of a Name. Use Quote for
+// SQL.
+func Display(s string) string {
 	for i, r := range s {
 		if !(r == '_' || (r >= 'a' && r <= 'z') || (i > 0 && (r >= '0' && r <= '9' || r == '$'))) {
 			return Quote(s)
