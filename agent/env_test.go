@@ -32,6 +32,13 @@ const (
 	template  = "mimeo_template"
 )
 
+// Roles a DBA may hand destination objects to: the agent is a member of
+// keeperRole (whose name needs quoting) and not of strangerRole.
+const (
+	keeperRole   = "Snap Keeper"
+	strangerRole = "stranger"
+)
+
 func TestMain(m *testing.M) {
 	os.Exit(pgtest.Main(m, func(src, dst *pgtest.Cluster) error {
 		ctx := context.Background()
@@ -42,6 +49,15 @@ func TestMain(m *testing.M) {
 			return err
 		}
 		if err := pgtest.CreateRole(ctx, dst, "operator", "", "LOGIN"); err != nil {
+			return err
+		}
+		if err := pgtest.CreateRole(ctx, dst, keeperRole, "", "NOLOGIN"); err != nil {
+			return err
+		}
+		if err := pgtest.CreateRole(ctx, dst, strangerRole, "", "NOLOGIN"); err != nil {
+			return err
+		}
+		if err := dst.Exec(ctx, "postgres", "GRANT "+pgx.Identifier{keeperRole}.Sanitize()+" TO "+agentRole); err != nil {
 			return err
 		}
 		if err := pgtest.CreateRole(ctx, src, replRole, replPass, "LOGIN"); err != nil {

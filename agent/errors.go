@@ -20,6 +20,10 @@ var (
 	// ErrColumnsChanged means a plain table's source columns no longer
 	// match the destination (the table type does not recreate tables).
 	ErrColumnsChanged = errors.New("source columns changed")
+	// ErrOwnerUnreachable means a destination relation belongs to a role
+	// the agent cannot give its re-created replacement to; the message
+	// says what to grant.
+	ErrOwnerUnreachable = errors.New("cannot re-create a destination relation with its owner")
 	// ErrUnknownAction means a request names an action this agent lacks.
 	ErrUnknownAction = errors.New("unknown request action")
 	// errTakenOver means the request was recovered and handed to another

@@ -17,10 +17,11 @@ type loadSpec struct {
 	table     *sourceTable
 	condition string
 	target    ident.Name
-	create    bool // create target first (else it is truncated)
-	cascade   bool // TRUNCATE ... CASCADE
-	pull      bool // copy the rows (else leave target empty)
-	indexes   bool // re-create the source's indexes after the load
+	create    bool   // create target first (else it is truncated)
+	cascade   bool   // TRUNCATE ... CASCADE
+	pull      bool   // copy the rows (else leave target empty)
+	indexes   bool   // re-create the source's indexes after the load
+	keep      access // owner and grants a created target gets at once (see accessOf)
 }
 
 // load fills spec.target inside tx: create or truncate it, stream the
@@ -31,6 +32,9 @@ func (r *run) load(ctx context.Context, tx pgx.Tx, spec loadSpec) (int64, error)
 	if spec.create {
 		if _, err := tx.Exec(ctx, "CREATE TABLE "+t+" ("+columnDefs(spec.table.Columns)+")"); err != nil {
 			return 0, fmt.Errorf("create %s: %w", spec.target, err)
+		}
+		if err := spec.keep.restore(ctx, tx); err != nil {
+			return 0, err
 		}
 	} else {
 		q := "TRUNCATE " + t
@@ -116,40 +120,6 @@ func indexName(index, srcTable, dstTable string) string {
 		return ident.Derive(dstTable, rest)
 	}
 	return ident.Derive(dstTable, "_"+index)
-}
-
-const sqlGrants = `
-SELECT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(g.rolname) END,
-       a.privilege_type, a.is_grantable
-FROM pg_catalog.pg_class c
-CROSS JOIN LATERAL aclexplode(c.relacl) a
-LEFT JOIN pg_catalog.pg_roles g ON g.oid = a.grantee
-WHERE c.oid = to_regclass($1) AND a.grantee <> c.relowner
-ORDER BY 1, 2`
-
-// grantsOf returns the GRANT statements that give target the privileges
-// others hold on rel, so they can be re-applied after rel is replaced.
-func grantsOf(ctx context.Context, tx pgx.Tx, rel ident.Name, target ident.Name) ([]string, error) {
-	rows, err := tx.Query(ctx, sqlGrants, rel.Sanitize())
-	if err != nil {
-		return nil, fmt.Errorf("read grants on %s: %w", rel, err)
-	}
-	grants, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (string, error) {
-		var grantee, privilege string
-		var grantable bool
-		if err := row.Scan(&grantee, &privilege, &grantable); err != nil {
-			return "", err
-		}
-		q := "GRANT " + privilege + " ON TABLE " + target.Sanitize() + " TO " + grantee
-		if grantable {
-			q += " WITH GRANT OPTION"
-		}
-		return q, nil
-	})
-	if err != nil {
-		return nil, fmt.Errorf("read grants on %s: %w", rel, err)
-	}
-	return grants, nil
 }
 
 // execAll runs statements in order (grants, post scripts).

@@ -195,16 +195,29 @@ func (a *Agent) refreshSnap(ctx context.Context, r *run) error {
 		if changed {
 			r.note(ctx, "Check source columns", "source columns changed: recreating tables and view", false)
 		}
+		// What this run replaces keeps its owner and grants. Captured
+		// before anything is dropped, so a role the agent cannot act for
+		// fails the run before the copy.
+		replaced := []ident.Name{r.dest, idle}
+		if changed {
+			replaced = append(replaced, active)
+		}
+		was := make(map[ident.Name]access, len(replaced))
+		for _, rel := range replaced {
+			if was[rel], err = accessOf(ctx, tx, rel); err != nil {
+				return fmt.Errorf("refresh %s: %w", r.dest, err)
+			}
+		}
 		if _, err := tx.Exec(ctx, "DROP TABLE IF EXISTS "+idle.Sanitize()); err != nil {
 			return fmt.Errorf("refresh %s: drop %s: %w", r.dest, idle, err)
 		}
 		rows, err := r.load(ctx, tx, loadSpec{src: src, table: st, condition: condition, target: idle,
-			create: true, pull: true, indexes: cfg.Indexes})
+			create: true, pull: true, indexes: cfg.Indexes, keep: was[idle]})
 		if err != nil {
 			return fmt.Errorf("refresh %s: %w", r.dest, err)
 		}
 		if err := r.step(ctx, "Swap view to "+idle.Table, func() (string, error) {
-			return "view " + r.dest.String() + " now reads " + idle.Table, swapView(ctx, tx, r.dest, idle, st.Columns, changed)
+			return "view " + r.dest.String() + " now reads " + idle.Table, swapView(ctx, tx, was[r.dest], idle, st.Columns, changed)
 		}); err != nil {
 			return fmt.Errorf("refresh %s: %w", r.dest, err)
 		}
@@ -216,6 +229,9 @@ func (a *Agent) refreshSnap(ctx context.Context, r *run) error {
 			}
 			if _, err := tx.Exec(ctx, "CREATE TABLE "+active.Sanitize()+" ("+columnDefs(st.Columns)+")"); err != nil {
 				return fmt.Errorf("refresh %s: create %s: %w", r.dest, active, err)
+			}
+			if err := was[active].restore(ctx, tx); err != nil {
+				return fmt.Errorf("refresh %s: %w", r.dest, err)
 			}
 			r.dirty = len(cfg.PostScript) > 0 // a SET in it would outlive the transaction
 			if err := r.step(ctx, "Run post_script", func() (string, error) {
@@ -234,7 +250,7 @@ func (a *Agent) refreshSnap(ctx context.Context, r *run) error {
 
 // destroySnap removes the view and both tables, or with archive keeps the
 // data as a plain table under the destination's name (with the view's
-// grants).
+// owner and grants).
 func (a *Agent) destroySnap(ctx context.Context, r *run) error {
 	var args destroyerArgs
 	if err := r.args(&args); err != nil {
@@ -254,9 +270,11 @@ func (a *Agent) destroySnap(ctx context.Context, r *run) error {
 		}
 		msg := "dropped " + r.dest.String() + " and its snap tables"
 		if args.Archive {
-			grants, err := grantsOf(ctx, tx, r.dest, r.dest)
+			// The table takes the view's place, for the view's readers:
+			// it gets the view's owner and grants (and keeps its own).
+			view, err := accessOf(ctx, tx, r.dest)
 			if err != nil {
-				return err
+				return fmt.Errorf("snapshot_destroyer %s: %w", r.dest, err)
 			}
 			if _, err := tx.Exec(ctx, "DROP VIEW "+r.dest.Sanitize()); err != nil {
 				return fmt.Errorf("snapshot_destroyer %s: drop view: %w", r.dest, err)
@@ -264,7 +282,7 @@ func (a *Agent) destroySnap(ctx context.Context, r *run) error {
 			if _, err := tx.Exec(ctx, "ALTER TABLE "+active.Sanitize()+" RENAME TO "+ident.Quote(r.dest.Table)); err != nil {
 				return fmt.Errorf("snapshot_destroyer %s: rename %s: %w", r.dest, active, err)
 			}
-			if err := execAll(ctx, tx, "re-grant", grants); err != nil {
+			if err := view.restore(ctx, tx); err != nil {
 				return fmt.Errorf("snapshot_destroyer %s: %w", r.dest, err)
 			}
 			if _, err := tx.Exec(ctx, "DROP TABLE IF EXISTS "+idle.Sanitize()); err != nil {
@@ -309,27 +327,24 @@ func activeSnap(ctx context.Context, tx pgx.Tx, view, snap1, snap2 ident.Name) (
 	return active, idle, fmt.Errorf("%w: %s reads %q, not %s or %s", errViewMissing, view, rel, snap1.Table, snap2.Table)
 }
 
-// swapView points the view at table. Same columns: CREATE OR REPLACE, which
-// keeps grants and dependants. Changed columns: drop and create, then
-// re-apply the grants it had.
-func swapView(ctx context.Context, tx pgx.Tx, view, table ident.Name, cols []column, changed bool) error {
+// swapView points the view (its access captured by accessOf) at table.
+// Same columns: CREATE OR REPLACE, which keeps owner, grants and
+// dependants. Changed columns: drop and create, then restore the owner and
+// grants it had.
+func swapView(ctx context.Context, tx pgx.Tx, view access, table ident.Name, cols []column, changed bool) error {
 	if !changed {
-		if _, err := tx.Exec(ctx, viewSQL(view, table, cols, true)); err != nil {
-			return fmt.Errorf("replace view %s: %w", view, err)
+		if _, err := tx.Exec(ctx, viewSQL(view.rel, table, cols, true)); err != nil {
+			return fmt.Errorf("replace view %s: %w", view.rel, err)
 		}
 		return nil
 	}
-	grants, err := grantsOf(ctx, tx, view, view)
-	if err != nil {
-		return err
+	if _, err := tx.Exec(ctx, "DROP VIEW "+view.rel.Sanitize()); err != nil {
+		return fmt.Errorf("drop view %s: %w", view.rel, err)
 	}
-	if _, err := tx.Exec(ctx, "DROP VIEW "+view.Sanitize()); err != nil {
-		return fmt.Errorf("drop view %s: %w", view, err)
+	if _, err := tx.Exec(ctx, viewSQL(view.rel, table, cols, false)); err != nil {
+		return fmt.Errorf("create view %s: %w", view.rel, err)
 	}
-	if _, err := tx.Exec(ctx, viewSQL(view, table, cols, false)); err != nil {
-		return fmt.Errorf("create view %s: %w", view, err)
-	}
-	return execAll(ctx, tx, "re-grant", grants)
+	return view.restore(ctx, tx)
 }
 
 func viewSQL(view, table ident.Name, cols []column, replace bool) string {
