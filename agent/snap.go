@@ -132,6 +132,11 @@ func (a *Agent) makeSnap(ctx context.Context, r *run) error {
 		if _, err := tx.Exec(ctx, viewSQL(r.dest, snap1, st.Columns, false)); err != nil {
 			return fmt.Errorf("snapshot_maker %s: create view: %w", r.dest, err)
 		}
+		// Here too, not only after a rebuild: a broken script fails the
+		// maker at once, and nothing is left created.
+		if err := r.postScript(ctx, tx, args.PostScript); err != nil {
+			return fmt.Errorf("snapshot_maker %s: %w", r.dest, err)
+		}
 		stats := st.Stats
 		if !args.pull() {
 			stats = nil // the first refresh must copy
@@ -233,10 +238,7 @@ func (a *Agent) refreshSnap(ctx context.Context, r *run) error {
 			if err := was[active].restore(ctx, tx); err != nil {
 				return fmt.Errorf("refresh %s: %w", r.dest, err)
 			}
-			r.dirty = len(cfg.PostScript) > 0 // a SET in it would outlive the transaction
-			if err := r.step(ctx, "Run post_script", func() (string, error) {
-				return fmt.Sprintf("ran %d statements", len(cfg.PostScript)), execAll(ctx, tx, "post_script", cfg.PostScript)
-			}); err != nil {
+			if err := r.postScript(ctx, tx, cfg.PostScript); err != nil {
 				return fmt.Errorf("refresh %s: %w", r.dest, err)
 			}
 		}
@@ -345,6 +347,17 @@ func swapView(ctx context.Context, tx pgx.Tx, view access, table ident.Name, col
 		return fmt.Errorf("create view %s: %w", view.rel, err)
 	}
 	return view.restore(ctx, tx)
+}
+
+// postScript runs the DBA's post_script statements in tx, as one job step.
+func (r *run) postScript(ctx context.Context, tx pgx.Tx, statements []string) error {
+	if len(statements) == 0 {
+		return nil
+	}
+	r.dirty = true // a SET in it would outlive the transaction
+	return r.step(ctx, "Run post_script", func() (string, error) {
+		return fmt.Sprintf("ran %d statements", len(statements)), execAll(ctx, tx, "post_script", statements)
+	})
 }
 
 func viewSQL(view, table ident.Name, cols []column, replace bool) string {

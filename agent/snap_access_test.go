@@ -187,3 +187,30 @@ func TestSnapDestroyerArchiveKeepsOwner(t *testing.T) {
 	require.Contains(t, access, "reader SELECT")
 	e.requireReaderSees(su)
 }
+
+// post_script runs when snapshot_maker creates the tables too, in its
+// transaction: a broken one fails the maker and leaves nothing behind.
+func TestSnapMakerRunsPostScript(t *testing.T) {
+	t.Parallel()
+	e := setup(t)
+	e.createItems("public.items", 50)
+	e.startAgent(e.config())
+
+	msg := e.failed(`SELECT mimeo.snapshot_maker('public.items', $1, p_post_script => $2)`, e.dblink,
+		[]string{`GRANT SELECT ON public.items TO reader`, `SELECT no_such_function()`})
+	require.Contains(t, msg, "post_script")
+	require.Contains(t, msg, "SELECT no_such_function()")
+	require.Contains(t, msg, "function no_such_function() does not exist")
+	var left int
+	require.NoError(t, e.dst.QueryRow(e.ctx, `
+SELECT (SELECT count(*) FROM pg_class WHERE relname IN ('items', 'items_snap1', 'items_snap2'))
+     + (SELECT count(*) FROM mimeo.refresh_config)`).Scan(&left))
+	require.Zero(t, left, "a failed maker leaves no view, table or config")
+
+	e.done(`SELECT mimeo.snapshot_maker('public.items', $1, p_post_script => $2)`, e.dblink,
+		[]string{`GRANT SELECT ON public.items TO reader`})
+	var canRead bool
+	require.NoError(t, e.dst.QueryRow(e.ctx, `SELECT has_table_privilege('reader', 'public.items', 'SELECT')`).Scan(&canRead))
+	require.True(t, canRead, "post_script ran in the maker")
+	e.requireSame("public.items", "public.items")
+}
