@@ -134,7 +134,7 @@ func (a *Agent) makeSnap(ctx context.Context, r *run) error {
 		}
 		// Here too, not only after a rebuild: a broken script fails the
 		// maker at once, and nothing is left created.
-		if err := r.postScript(ctx, tx, args.PostScript); err != nil {
+		if err := r.runPostScript(ctx, tx, args.PostScript); err != nil {
 			return fmt.Errorf("snapshot_maker %s: %w", r.dest, err)
 		}
 		stats := st.Stats
@@ -238,7 +238,7 @@ func (a *Agent) refreshSnap(ctx context.Context, r *run) error {
 			if err := was[active].restore(ctx, tx); err != nil {
 				return fmt.Errorf("refresh %s: %w", r.dest, err)
 			}
-			if err := r.postScript(ctx, tx, cfg.PostScript); err != nil {
+			if err := r.runPostScript(ctx, tx, cfg.PostScript); err != nil {
 				return fmt.Errorf("refresh %s: %w", r.dest, err)
 			}
 		}
@@ -347,17 +347,6 @@ func swapView(ctx context.Context, tx pgx.Tx, view access, table ident.Name, col
 		return fmt.Errorf("create view %s: %w", view.rel, err)
 	}
 	return view.restore(ctx, tx)
-}
-
-// postScript runs the DBA's post_script statements in tx, as one job step.
-func (r *run) postScript(ctx context.Context, tx pgx.Tx, statements []string) error {
-	if len(statements) == 0 {
-		return nil
-	}
-	r.dirty = true // a SET in it would outlive the transaction
-	return r.step(ctx, "Run post_script", func() (string, error) {
-		return fmt.Sprintf("ran %d statements", len(statements)), execAll(ctx, tx, "post_script", statements)
-	})
 }
 
 func viewSQL(view, table ident.Name, cols []column, replace bool) string {
