@@ -347,8 +347,10 @@ func batchEnd(ctx context.Context, src *pgxpool.Conn, cfg *incConfig, st *source
 	where := window(cfg.Kind, cfg.Control, last, bound, cfg.Kind.upperOp(), cfg.Condition)
 	c := ident.Quote(cfg.Control)
 	var end string
-	err := src.QueryRow(ctx, `SELECT `+cfg.Kind.text(c)+` FROM `+st.Name.Sanitize()+` `+where+
-		` ORDER BY `+c+` OFFSET $1 LIMIT 1`, limit-1).Scan(&end)
+	// ORDER BY names the table's column: the bare name would be the text
+	// output column, which sorts serials as strings ('10' < '9').
+	err := src.QueryRow(ctx, `SELECT `+cfg.Kind.text(c)+` AS mimeo_end FROM `+st.Name.Sanitize()+` `+where+
+		` ORDER BY `+st.Name.Sanitize()+`.`+c+` OFFSET $1 LIMIT 1`, limit-1).Scan(&end)
 	if err == nil {
 		return end, false, nil
 	}

@@ -8,6 +8,7 @@ import (
 	"github.com/jackc/pgx/v5"
 
 	"github.com/mimeo-dev/mimeo/internal/ident"
+	"github.com/mimeo-dev/mimeo/queue"
 	"github.com/mimeo-dev/mimeo/triggers"
 )
 
@@ -126,10 +127,11 @@ func (a *Agent) makeQueued(ctx context.Context, r *run, typ string) error {
 			return err
 		}
 		if typ == "logdel" {
-			// Deleted rows are what a logdel copy is looked up by.
-			if _, err := tx.Exec(ctx, "ALTER TABLE "+r.dest.Sanitize()+" ADD COLUMN "+ident.Quote(deletedColumn)+" timestamptz; "+
-				"CREATE INDEX "+ident.Quote(ident.Derive(r.dest.Table, "_"+deletedColumn))+" ON "+r.dest.Sanitize()+" ("+ident.Quote(deletedColumn)+")"); err != nil {
+			if _, err := tx.Exec(ctx, "ALTER TABLE "+r.dest.Sanitize()+" ADD COLUMN "+ident.Quote(deletedColumn)+" timestamptz"); err != nil {
 				return fmt.Errorf("add %s: %w", deletedColumn, err)
+			}
+			if err := ensureDeletedIndex(ctx, tx, r.dest); err != nil {
+				return err
 			}
 		}
 		if err := ensureKeyIndex(ctx, tx, r.dest, keys); err != nil {
@@ -155,6 +157,22 @@ VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $
 			r.log.Warn("cannot remove the source objects of a failed maker", "error", derr)
 		}
 		return fail(err)
+	}
+	return nil
+}
+
+// ensureDeletedIndex indexes a logdel destination's mimeo_source_deleted
+// (deleted rows are what such a copy is looked up by), unless an index
+// leads with it already.
+func ensureDeletedIndex(ctx context.Context, db queue.DB, dest ident.Name) error {
+	_, err := db.Exec(ctx, `DO $$ BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_index i JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+                   WHERE i.indrelid = `+quoteLiteral(dest.Sanitize())+`::regclass AND a.attname = `+quoteLiteral(deletedColumn)+`) THEN
+        CREATE INDEX `+ident.Quote(ident.Derive(dest.Table, "_"+deletedColumn))+` ON `+dest.Sanitize()+` (`+ident.Quote(deletedColumn)+`);
+    END IF;
+END $$`)
+	if err != nil {
+		return fmt.Errorf("index %s of %s: %w", deletedColumn, dest, err)
 	}
 	return nil
 }

@@ -155,6 +155,12 @@ func (a *Agent) syncSourceObjects(ctx context.Context, r *run, src *pgxpool.Conn
 			return false, fmt.Errorf("update the source objects: %w", lockHint(err))
 		}
 		r.note(ctx, "Update source objects", note, false)
+		if layout < triggers.Layout && cfg.Type == "logdel" {
+			// Made before logdel destinations were given this index.
+			if err := ensureDeletedIndex(ctx, r.dst, r.dest); err != nil {
+				return false, err
+			}
+		}
 	}
 	current := treeStrings(tree)
 	vanished := false

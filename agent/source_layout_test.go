@@ -73,6 +73,7 @@ func TestSourceObjectsOfAnEarlierReleaseAreUpgraded(t *testing.T) {
 	e.done(`SELECT mimeo.logdel_maker('public.t', $1, 'public.t_log')`, e.dblink)
 	e.layout1("dml", "public.t")
 	e.layout1("logdel", "public.t_log")
+	e.exec(e.dst, `DROP INDEX public.t_log_mimeo_source_deleted`) // 0.3.0 made none
 
 	e.exec(e.app, `UPDATE t SET v = -v WHERE id <= 5`)
 	e.exec(e.app, `DELETE FROM t WHERE id IN (6, 7)`)
@@ -89,6 +90,9 @@ func TestSourceObjectsOfAnEarlierReleaseAreUpgraded(t *testing.T) {
 	require.NoError(t, e.dst.QueryRow(e.ctx, `SELECT (SELECT v::text FROM public.t_log WHERE id = 7 AND mimeo_source_deleted IS NOT NULL),
     (SELECT w FROM public.t_log WHERE id = 8 AND mimeo_source_deleted IS NOT NULL)`).Scan(&v7, &w8))
 	require.Equal(t, []string{"7", "w8"}, []string{v7, w8}, "deleted rows queued before the upgrade keep their values")
+	var index bool
+	require.NoError(t, e.dst.QueryRow(e.ctx, `SELECT to_regclass('public.t_log_mimeo_source_deleted') IS NOT NULL`).Scan(&index))
+	require.True(t, index, "the upgrade indexes mimeo_source_deleted")
 	var layouts []int
 	require.NoError(t, e.dst.QueryRow(e.ctx, `SELECT ARRAY[(SELECT source_layout FROM mimeo.refresh_config_dml), (SELECT source_layout FROM mimeo.refresh_config_logdel)]`).Scan(&layouts))
 	require.Equal(t, []int{2, 2}, layouts)
