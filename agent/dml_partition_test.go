@@ -3,6 +3,7 @@ package agent_test
 import (
 	"testing"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/stretchr/testify/require"
 )
 
@@ -11,12 +12,14 @@ func logdelLive(table, cols string) string {
 	return `(SELECT ` + cols + ` FROM ` + table + ` WHERE mimeo_source_deleted IS NULL)`
 }
 
-// markedDeleted counts a logdel destination's rows marked deleted.
-func (e *env) markedDeleted(table string) int {
+// markedIDs lists the ids of a logdel destination's rows marked deleted.
+func (e *env) markedIDs(table string) []int64 {
 	e.t.Helper()
-	var n int
-	require.NoError(e.t, e.dst.QueryRow(e.ctx, `SELECT count(*) FROM `+table+` WHERE mimeo_source_deleted IS NOT NULL`).Scan(&n))
-	return n
+	rows, err := e.dst.Query(e.ctx, `SELECT id FROM `+table+` WHERE mimeo_source_deleted IS NOT NULL ORDER BY id`)
+	require.NoError(e.t, err)
+	ids, err := pgx.CollectRows(rows, pgx.RowTo[int64])
+	require.NoError(e.t, err)
+	return ids
 }
 
 // TRUNCATE on the source reaches the destination in order with the other
@@ -42,7 +45,7 @@ func TestTruncateReachesDMLAndLogdel(t *testing.T) {
 	o := e.done(`SELECT mimeo.refresh_logdel('public.t_log')`)
 	require.Contains(t, e.jobSteps(*o.JobID), "Apply TRUNCATE: marked deleted 48 rows the source no longer has, after a TRUNCATE")
 	require.Equal(t, checksum(t, e.ctx, e.src, "public.t"), checksum(t, e.ctx, e.dst, logdelLive("public.t_log", "id, v")))
-	require.Equal(t, 49, e.markedDeleted("public.t_log"), "every truncated row kept, marked (1 came back)")
+	require.Equal(t, 49, len(e.markedIDs("public.t_log")), "every truncated row kept, marked (1 came back)")
 	var v6 int
 	require.NoError(t, e.dst.QueryRow(e.ctx, `SELECT v FROM public.t_log WHERE id = 6 AND mimeo_source_deleted IS NOT NULL`).Scan(&v6))
 	require.Equal(t, 6, v6)
@@ -100,7 +103,7 @@ func TestPartitionedSourceDMLAndLogdel(t *testing.T) {
 	e.requireSame("public.pt", "public.pt")
 	e.done(`SELECT mimeo.refresh_logdel('public.pt_log')`)
 	require.Equal(t, checksum(t, e.ctx, e.src, "public.pt"), checksum(t, e.ctx, e.dst, live))
-	require.Equal(t, 3, e.markedDeleted("public.pt_log"), "the two moved rows' old keys and the deleted row")
+	require.Equal(t, 3, len(e.markedIDs("public.pt_log")), "the two moved rows' old keys and the deleted row")
 
 	// A partition made later and written directly before the next refresh;
 	// a table loaded first and then attached.
@@ -164,5 +167,5 @@ func TestConditionOnAKeyColumn(t *testing.T) {
 	want := `(SELECT id, v FROM public.kc WHERE id < 50)`
 	require.Equal(t, checksum(t, e.ctx, e.src, want), checksum(t, e.ctx, e.dst, "public.kc"))
 	require.Equal(t, checksum(t, e.ctx, e.src, want), checksum(t, e.ctx, e.dst, logdelLive("public.kc_log", "id, v")))
-	require.Equal(t, 1, e.markedDeleted("public.kc_log"))
+	require.Equal(t, 1, len(e.markedIDs("public.kc_log")))
 }

@@ -69,16 +69,8 @@ BEGIN IF NEW.v = -1 THEN NEW.id := NEW.id + 1000; END IF; RETURN NEW; END $$`)
 	e.exec(e.app, `DELETE FROM p WHERE id IN (8, 9)`)        // 9 never matched the condition
 	e.done(`SELECT mimeo.refresh_logdel('public.p')`)
 	require.Equal(t, checksum(t, e.ctx, e.src, want), checksum(t, e.ctx, e.dst, live))
-	var marked []int
-	rows, err := e.dst.Query(e.ctx, `SELECT id FROM public.p WHERE mimeo_source_deleted IS NOT NULL ORDER BY id`)
-	require.NoError(t, err)
-	for rows.Next() {
-		var id int
-		require.NoError(t, rows.Scan(&id))
-		marked = append(marked, id)
-	}
-	require.NoError(t, rows.Err())
-	require.Equal(t, []int{2, 4, 8}, marked, "old keys and deleted rows are kept, marked; rows that never matched are not")
+	marked := e.markedIDs("public.p")
+	require.Equal(t, []int64{2, 4, 8}, marked, "old keys and deleted rows are kept, marked; rows that never matched are not")
 
 	e.exec(e.app, `DELETE FROM p WHERE id = 10`)
 	e.done(`SELECT mimeo.refresh_logdel('public.p', p_repull => true)`)
