@@ -86,12 +86,7 @@ func queueSpec(ctx context.Context, r *run, cfg *queueConfig, st *sourceTable, t
 	}
 	spec := triggers.Spec{Source: st.Name, Logdel: cfg.Type == "logdel", Tag: triggers.Tag(instance, r.req.DestTable), Tables: treeNames(tree)}
 	for _, k := range cfg.PkField {
-		i := indexOfColumn(st.Columns, k)
-		if i < 0 {
-			return spec, fmt.Errorf("%w: key column %q is no longer a column of %s (dropped or renamed); recreate the table with %s_destroyer and %s_maker",
-				ErrColumnsChanged, k, st.Name, cfg.Type, cfg.Type)
-		}
-		spec.Keys = append(spec.Keys, triggers.Column{Name: k, Type: st.Columns[i].Type})
+		spec.Keys = append(spec.Keys, triggers.Column{Name: k, Type: st.Columns[indexOfColumn(st.Columns, k)].Type})
 	}
 	if spec.Names().Queue != cfg.Names.Queue {
 		return spec, fmt.Errorf("the source queue %s is not the one this destination would name (%s): was mimeo.instance changed? recreate the table with %s_destroyer and %s_maker",
@@ -100,31 +95,62 @@ func queueSpec(ctx context.Context, r *run, cfg *queueConfig, st *sourceTable, t
 	return spec, nil
 }
 
+// checkKeyColumns makes sure the key columns are still source columns: no
+// repull can rebuild a table around a key that is gone.
+func checkKeyColumns(cfg *queueConfig, st *sourceTable) error {
+	for _, k := range cfg.PkField {
+		if !containsColumn(st.Columns, k) {
+			return fmt.Errorf("%w: key column %q is no longer a column of %s (dropped or renamed); recreate the table with %s_destroyer and %s_maker",
+				ErrColumnsChanged, k, st.Name, cfg.Type, cfg.Type)
+		}
+	}
+	return nil
+}
+
 // syncSourceObjects brings the source objects to the current layout and
 // onto every table of the tree, and records them. It reports whether a
 // table left the tree since the last run (its rows left the source with no
 // trigger firing).
 func (a *Agent) syncSourceObjects(ctx context.Context, r *run, src *pgxpool.Conn, cfg *queueConfig, st *sourceTable) (bool, error) {
+	if err := checkKeyColumns(cfg, st); err != nil {
+		return false, err
+	}
 	tree, err := sourceTree(ctx, src, st.Name, cfg.Names.Function)
 	if err != nil {
 		return false, err
 	}
-	spec, err := queueSpec(ctx, r, cfg, st, tree)
-	if err != nil {
-		return false, err
+	// The config says layout 2 once the source has it; a config saying 1
+	// is checked against the queue itself (a crash may have come between
+	// an upgrade and its record).
+	layout, queueCols := cfg.Layout, []string(nil)
+	if layout < triggers.Layout {
+		if queueCols, err = tableColumnNames(ctx, src, cfg.Names.Queue); err != nil {
+			return false, err
+		}
+		if slices.Contains(queueCols, triggers.ColTruncated) {
+			layout = triggers.Layout
+		}
 	}
-	layout, err := queueLayout(ctx, src, cfg.Names.Queue)
+	upgrade := layout < triggers.Layout
+	if upgrade || slices.ContainsFunc(tree, func(m treeMember) bool { return !m.HasTriggers }) ||
+		!slices.Equal(cfg.TriggerTables, treeStrings(tree)) || cfg.Layout < triggers.Layout {
+		return a.updateSourceObjects(ctx, r, src, cfg, st, tree, queueCols, upgrade)
+	}
+	return false, nil
+}
+
+// updateSourceObjects does syncSourceObjects' work when there is some:
+// upgrade, triggers for new tables of the tree, the record of it all.
+func (a *Agent) updateSourceObjects(ctx context.Context, r *run, src *pgxpool.Conn, cfg *queueConfig, st *sourceTable,
+	tree []treeMember, queueCols []string, upgrade bool) (bool, error) {
+	spec, err := queueSpec(ctx, r, cfg, st, tree)
 	if err != nil {
 		return false, err
 	}
 	var stmts []string
 	var note string
-	if layout < triggers.Layout {
-		cols, err := tableColumnNames(ctx, src, cfg.Names.Queue)
-		if err != nil {
-			return false, err
-		}
-		stmts = spec.UpgradeLayout1(cfg.Names.Function, cols)
+	if upgrade {
+		stmts = spec.UpgradeLayout1(cfg.Names.Function, queueCols)
 		note = fmt.Sprintf("upgraded the source objects to layout %d: statement triggers on %s (TRUNCATE too), key columns widened in %s",
 			triggers.Layout, strings.Join(treeStrings(tree), ", "), cfg.Names.Queue)
 	} else {
@@ -155,7 +181,7 @@ func (a *Agent) syncSourceObjects(ctx context.Context, r *run, src *pgxpool.Conn
 			return false, fmt.Errorf("update the source objects: %w", lockHint(err))
 		}
 		r.note(ctx, "Update source objects", note, false)
-		if layout < triggers.Layout && cfg.Type == "logdel" {
+		if upgrade && cfg.Type == "logdel" {
 			// Made before logdel destinations were given this index.
 			if err := ensureDeletedIndex(ctx, r.dst, r.dest); err != nil {
 				return false, err
@@ -170,28 +196,12 @@ func (a *Agent) syncSourceObjects(ctx context.Context, r *run, src *pgxpool.Conn
 			r.note(ctx, "Partition tree", t+" left the partition tree of "+st.Name.String()+": its rows are gone from the source", true)
 		}
 	}
-	if len(stmts) == 0 && !vanished && slices.Equal(cfg.TriggerTables, current) && cfg.Layout == triggers.Layout {
-		return false, nil
-	}
 	if _, err := r.dst.Exec(ctx, `UPDATE `+typeConfigTable(cfg.Type)+` SET source_layout = $2, triggers = $3, trigger_tables = $4 WHERE dest_table = $1`,
 		r.req.DestTable, triggers.Layout, spec.Names().Triggers(), current); err != nil {
 		return false, fmt.Errorf("record the source objects: %w", err)
 	}
 	cfg.Layout, cfg.TriggerTables, cfg.Names = triggers.Layout, current, spec.Names()
 	return vanished, nil
-}
-
-// queueLayout tells the layout of an existing queue by its columns (the
-// source is the truth: the config may lag behind a crash).
-func queueLayout(ctx context.Context, src *pgxpool.Conn, q ident.Name) (int, error) {
-	cols, err := tableColumnNames(ctx, src, q)
-	if err != nil {
-		return 0, err
-	}
-	if slices.Contains(cols, triggers.ColTruncated) {
-		return triggers.Layout, nil
-	}
-	return 1, nil
 }
 
 func tableColumnNames(ctx context.Context, src *pgxpool.Conn, table ident.Name) ([]string, error) {
