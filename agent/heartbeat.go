@@ -8,6 +8,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
+	"github.com/mimeo-dev/mimeo/queue"
 	mimeosql "github.com/mimeo-dev/mimeo/sql"
 )
 
@@ -83,11 +84,15 @@ func (a *Agent) heartbeat(ctx context.Context) {
 }
 
 // deregister marks the agent's row stopped on a clean stop; the row stays,
-// so waiters and monitors can tell when an agent was last alive.
+// so waiters and monitors can tell when an agent was last alive. Old rows
+// go (a cron job's refreshes each leave one).
 func (a *Agent) deregister() {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	if _, err := a.pool.Exec(ctx, sqlDeregister, a.agentID()); err != nil {
 		a.log.Warn("cannot mark agent row stopped", "error", err)
+	}
+	if err := queue.PruneAgents(ctx, a.pool); err != nil {
+		a.log.Warn("cannot prune agent rows", "error", err)
 	}
 }

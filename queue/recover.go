@@ -113,10 +113,17 @@ func Recover(ctx context.Context, db DB, staleAfter time.Duration, maxAttempts i
 	if _, err := db.Exec(ctx, sqlMarkDeadAgents, stale); err != nil {
 		return out, fmt.Errorf("mark dead agents: %w", err)
 	}
+	return out, PruneAgents(ctx, db)
+}
+
+// PruneAgents deletes the rows of agents that stopped or died more than a
+// day ago, but for the newest row (which tells when an agent was last
+// alive).
+func PruneAgents(ctx context.Context, db DB) error {
 	if _, err := db.Exec(ctx, sqlPruneAgents); err != nil {
-		return out, fmt.Errorf("prune agent rows: %w", err)
+		return fmt.Errorf("prune agent rows: %w", err)
 	}
-	return out, nil
+	return nil
 }
 
 // Requests this agent holds as running but is not running (a claim whose

@@ -407,9 +407,10 @@ DECLARE
 BEGIN
     SELECT count(*), max(last_seen) INTO v_alive, v_seen FROM mimeo.agent
     WHERE status IN ('running', 'stopping') AND last_seen > clock_timestamp() - interval '1 minute';
-    v_state := CASE r.status
-        WHEN 'running' THEN format('it is running on agent %s since %s, and will end on its own', r.agent_id, r.started_at)
-        ELSE 'it stays queued and runs when an agent takes it' END;
+    v_state := CASE
+        WHEN r.status = 'queued' THEN 'it stays queued and runs when an agent takes it'
+        WHEN v_alive > 0 THEN format('it is running on agent %s since %s, and will end on its own', r.agent_id, r.started_at)
+        ELSE format('it was running on agent %s, which is gone: the next agent to start hands it back to the queue', r.agent_id) END;
     IF v_alive = 0 THEN
         SELECT * INTO v_last FROM mimeo.agent ORDER BY last_seen DESC LIMIT 1;
         RAISE EXCEPTION 'mimeo: timed out after % waiting for request % (%): no mimeo-agent is running (%); %',
