@@ -179,7 +179,7 @@ func TestDMLMakerBadInput(t *testing.T) {
 	e.exec(e.src, `CREATE SCHEMA mimeo`) // owned by the superuser, not the replication role
 	require.Contains(t, e.failed(`SELECT mimeo.dml_maker('public.t', $1)`, e.dblink), "ALTER SCHEMA mimeo OWNER TO")
 	e.exec(e.src, `ALTER SCHEMA mimeo OWNER TO `+replRole)
-	require.Contains(t, e.failed(`SELECT mimeo.dml_maker('public.t', $1)`, e.dblink), "GRANT TRIGGER ON")
+	require.Contains(t, e.failed(`SELECT mimeo.dml_maker('public.t', $1)`, e.dblink), "GRANT SELECT, TRIGGER ON public.t TO mimeo_repl")
 	require.Contains(t, e.failed(`SELECT mimeo.logdel_maker('public.nokey', $1)`, e.dblink), "no primary key or unique index")
 	require.Contains(t, e.failed(`SELECT mimeo.dml_maker('public.t', $1, p_filter => ARRAY['v'])`, e.dblink),
 		"p_filter must include the key columns (id) of public.t")

@@ -131,7 +131,8 @@ FROM (SELECT 1) one LEFT JOIN pg_catalog.pg_namespace n ON n.nspname = $1`, trig
 }
 
 // checkTriggerRights names the tables of the tree the replication role
-// may not put triggers on, with the GRANT that lets it.
+// may not put triggers on (or read, to queue the keys of a partition that
+// joins), with the GRANT that lets it.
 func checkTriggerRights(tree []treeMember, role string) error {
 	var missing []string
 	for _, m := range tree {
@@ -146,6 +147,6 @@ func checkTriggerRights(tree []treeMember, role string) error {
 	if len(tree) > 1 {
 		what = "every table of the partition tree (a statement on a partition fires only that partition's triggers)"
 	}
-	return fmt.Errorf("the replication role needs TRIGGER on %s: on the source run GRANT TRIGGER ON %s TO %s",
+	return fmt.Errorf("the replication role needs SELECT and TRIGGER on %s: on the source run GRANT SELECT, TRIGGER ON %s TO %s",
 		what, strings.Join(missing, ", "), role)
 }

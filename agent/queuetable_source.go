@@ -26,7 +26,7 @@ import (
 // tree, the table itself first.
 type treeMember struct {
 	Name        ident.Name
-	CanTrigger  bool // the replication role may create triggers on it
+	CanTrigger  bool // the replication role may create triggers on it and read it
 	HasTriggers bool // it carries this destination's triggers
 }
 
@@ -38,7 +38,7 @@ WITH RECURSIVE tree AS (
     UNION ALL
     SELECT i.inhrelid, t.depth + 1 FROM pg_catalog.pg_inherits i JOIN tree t ON i.inhparent = t.rel
 )
-SELECT n.nspname, c.relname, has_table_privilege(c.oid, 'TRIGGER'),
+SELECT n.nspname, c.relname, has_table_privilege(c.oid, 'TRIGGER') AND has_table_privilege(c.oid, 'SELECT'),
        (SELECT count(*) FROM pg_catalog.pg_trigger g WHERE g.tgrelid = c.oid AND g.tgfoid = to_regprocedure($2)) = 4
 FROM tree JOIN pg_catalog.pg_class c ON c.oid = tree.rel
 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace

@@ -229,14 +229,13 @@ func (s Spec) Attach(table ident.Name) []string {
 	}
 }
 
-// QueueKeysOf returns the statement that queues the keys of every row the
-// source has in one table of its tree (read through the source table, on
-// whose rows the replication role has SELECT): for a partition that was
-// attached, or written directly, before it carried the triggers.
+// QueueKeysOf returns the statement that queues the keys of every row one
+// table of the tree holds itself (a partition that was attached, or
+// written to directly, before it carried the triggers).
 func (s Spec) QueueKeysOf(table ident.Name) string {
 	keys := strings.Join(quoteAll(s.Keys), ", ")
-	return fmt.Sprintf("INSERT INTO %s (%s) SELECT %s FROM %s WHERE tableoid = %s::regclass",
-		s.Names().Queue.Sanitize(), keys, keys, s.Source.Sanitize(), quoteLiteral(table.Sanitize()))
+	return fmt.Sprintf("INSERT INTO %s (%s) SELECT %s FROM ONLY %s",
+		s.Names().Queue.Sanitize(), keys, keys, table.Sanitize())
 }
 
 // Drop returns the statements that remove the objects Create made; each

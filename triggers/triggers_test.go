@@ -40,7 +40,7 @@ func TestCreateQuotesEverything(t *testing.T) {
 	require.Contains(t, sql, "mimeo_deleted_at")
 	require.Contains(t, sql, `"id""; --" bigint`, "the queue key is of the widest integer type")
 	require.Len(t, s.Create(), 2+4*2, "queue, function, four triggers on each of the two tables")
-	require.Contains(t, s.QueueKeysOf(part), `tableoid = '"public"."part''; --"'::regclass`)
+	require.Contains(t, s.QueueKeysOf(part), `FROM ONLY "public"."part'; --"`)
 }
 
 func TestQueueTypeWidensWithinAKind(t *testing.T) {
