@@ -119,3 +119,25 @@ func TestKeyColumnRetypeOnTheSource(t *testing.T) {
 	require.Equal(t, checksum(t, e.ctx, e.src, "public.k"), checksum(t, e.ctx, e.dst, logdelLive("public.k_log", "id, v")))
 	require.Equal(t, []int64{1, 2, 3000000000}, e.markedIDs("public.k_log"))
 }
+
+// A key retyped beyond its kind (integer to text) makes the source's writes
+// fail until the queue follows: the next refresh retypes the queue (and
+// fails, asking for the repull), after which the writes work again.
+func TestKeyRetypedToAnotherKind(t *testing.T) {
+	t.Parallel()
+	e := setup(t)
+	e.exec(e.app, `CREATE TABLE public.kt (id int PRIMARY KEY, v text)`)
+	e.exec(e.app, `INSERT INTO public.kt SELECT g, 'v' || g FROM generate_series(1, 5) g`)
+	e.prepareTriggers("public.kt")
+	e.startAgent(e.config())
+	e.done(`SELECT mimeo.dml_maker('public.kt', $1)`, e.dblink)
+	e.exec(e.app, `ALTER TABLE public.kt ALTER COLUMN id TYPE text`)
+	_, err := e.app.Exec(e.ctx, `INSERT INTO public.kt VALUES ('abc', 'x')`)
+	require.ErrorContains(t, err, "is of type bigint", "the queue still holds integer keys")
+	require.Contains(t, e.failed(`SELECT mimeo.refresh_dml('public.kt')`), `column "id" changed type from integer to text`)
+	e.exec(e.app, `INSERT INTO public.kt VALUES ('abc', 'x')`)
+	e.done(`SELECT mimeo.refresh_dml('public.kt', p_repull => true)`)
+	e.exec(e.app, `UPDATE public.kt SET v = 'y' WHERE id = 'abc'`)
+	e.done(`SELECT mimeo.refresh_dml('public.kt')`)
+	e.requireSame("public.kt", "public.kt")
+}

@@ -15,7 +15,14 @@ func logdelLive(table, cols string) string {
 // markedIDs lists the ids of a logdel destination's rows marked deleted.
 func (e *env) markedIDs(table string) []int64 {
 	e.t.Helper()
-	rows, err := e.dst.Query(e.ctx, `SELECT id FROM `+table+` WHERE mimeo_source_deleted IS NOT NULL ORDER BY id`)
+	return e.markedIDsOf(table, "id")
+}
+
+// markedIDsOf lists the key column of a logdel destination's rows marked
+// deleted.
+func (e *env) markedIDsOf(table, key string) []int64 {
+	e.t.Helper()
+	rows, err := e.dst.Query(e.ctx, `SELECT `+key+`::bigint FROM `+table+` WHERE mimeo_source_deleted IS NOT NULL ORDER BY 1`)
 	require.NoError(e.t, err)
 	ids, err := pgx.CollectRows(rows, pgx.RowTo[int64])
 	require.NoError(e.t, err)
@@ -43,12 +50,14 @@ func TestTruncateReachesDMLAndLogdel(t *testing.T) {
 	e.done(`SELECT mimeo.refresh_dml('public.t')`)
 	e.requireSame("public.t", "public.t")
 	o := e.done(`SELECT mimeo.refresh_logdel('public.t_log')`)
-	require.Contains(t, e.jobSteps(*o.JobID), "Apply TRUNCATE: marked deleted 48 rows the source no longer has, after a TRUNCATE")
+	require.Contains(t, e.jobSteps(*o.JobID), "Apply TRUNCATE: marked deleted 44 rows the source no longer has, after a TRUNCATE")
 	require.Equal(t, checksum(t, e.ctx, e.src, "public.t"), checksum(t, e.ctx, e.dst, logdelLive("public.t_log", "id, v")))
 	require.Equal(t, 49, len(e.markedIDs("public.t_log")), "every truncated row kept, marked (1 came back)")
-	var v6 int
+	var v6, v2 int
 	require.NoError(t, e.dst.QueryRow(e.ctx, `SELECT v FROM public.t_log WHERE id = 6 AND mimeo_source_deleted IS NOT NULL`).Scan(&v6))
 	require.Equal(t, 6, v6)
+	require.NoError(t, e.dst.QueryRow(e.ctx, `SELECT v FROM public.t_log WHERE id = 2 AND mimeo_source_deleted IS NOT NULL`).Scan(&v2))
+	require.Equal(t, -2, v2, "a row updated before the TRUNCATE is kept with its last values")
 
 	// Two TRUNCATEs and batches of 3 in one refresh.
 	e.exec(e.app, `INSERT INTO t SELECT g, g FROM generate_series(200, 220) g`)
@@ -60,6 +69,20 @@ func TestTruncateReachesDMLAndLogdel(t *testing.T) {
 	e.requireSame("public.t", "public.t")
 	e.done(`SELECT mimeo.refresh_logdel('public.t_log', p_limit => 3)`)
 	require.Equal(t, checksum(t, e.ctx, e.src, "public.t"), checksum(t, e.ctx, e.dst, logdelLive("public.t_log", "id, v")))
+
+	// An odd key name, with a % that format() must not take for its own.
+	odd := `public."Odd %s; Table"`
+	e.exec(e.app, `CREATE TABLE `+odd+` ("Key %s" int PRIMARY KEY, v text)`)
+	e.exec(e.app, `INSERT INTO `+odd+` SELECT g, 'v' || g FROM generate_series(1, 5) g`)
+	e.prepareTriggers(odd)
+	e.done(`SELECT mimeo.logdel_maker($1, $2)`, odd, e.dblink)
+	e.exec(e.app, `UPDATE `+odd+` SET v = 'last' WHERE "Key %s" = 1`)
+	e.exec(e.app, `TRUNCATE `+odd)
+	e.done(`SELECT mimeo.refresh_logdel($1)`, odd)
+	var last string
+	require.NoError(t, e.dst.QueryRow(e.ctx, `SELECT v FROM `+odd+` WHERE "Key %s" = 1 AND mimeo_source_deleted IS NOT NULL`).Scan(&last))
+	require.Equal(t, "last", last)
+	require.Len(t, e.markedIDsOf(odd, `"Key %s"`), 5)
 
 	// Nothing left over: the next refresh finds nothing to do.
 	e.done(`SELECT mimeo.refresh_dml('public.t')`)

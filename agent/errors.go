@@ -2,6 +2,7 @@ package agent
 
 import (
 	"errors"
+	"fmt"
 
 	"github.com/jackc/pgx/v5/pgconn"
 )
@@ -44,17 +45,26 @@ func hasCode(err error, code string) bool {
 	return errors.As(err, &pgErr) && pgErr.Code == code
 }
 
-// serverError returns the PostgreSQL error a failed connection attempt
-// wraps, or err as it is when the server never answered. pgx joins the
-// errors of every attempt it made: with sslmode=prefer (libpq's default)
-// it tries TLS first and then plaintext, so a wrong password would read
-// "tls error: server refused TLS connection" before the password failure.
-// The server's own answer (a wrong password, an unknown database, no
-// pg_hba.conf entry) is what tells the DBA what to fix.
-func serverError(err error) error {
+// ServerError reduces the error of a failed connection attempt to what the
+// DBA needs. pgx joins the errors of every attempt it made: with
+// sslmode=prefer (libpq's default) it tries TLS first and then plaintext,
+// so a wrong password would read "tls error: server refused TLS
+// connection" before the password failure. The server's own answer (a
+// wrong password, an unknown database, no pg_hba.conf entry) is what tells
+// the DBA what to fix; without one, one of the attempts' identical
+// failures is. Other errors are returned as they are.
+func ServerError(err error) error {
 	var pgErr *pgconn.PgError
 	if errors.As(err, &pgErr) {
 		return pgErr
+	}
+	// No answer from a server: each attempt failed alike (a refused or
+	// timed-out dial); one of them says it.
+	var ce *pgconn.ConnectError
+	if errors.As(err, &ce) {
+		if joined, ok := ce.Unwrap().(interface{ Unwrap() []error }); ok && len(joined.Unwrap()) > 0 {
+			return fmt.Errorf("user=%s database=%s: %w", ce.Config.User, ce.Config.Database, joined.Unwrap()[0])
+		}
 	}
 	return err
 }

@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"regexp"
 	"slices"
@@ -115,7 +116,7 @@ func (a *Agent) makeIncremental(ctx context.Context, r *run, typ string) error {
 			msg = fmt.Sprintf("using the existing table %s: nothing pulled", r.dest)
 		}
 		if caughtUp {
-			start, err := startingValue(ctx, tx, src, r.dest, st, cfg)
+			start, err := a.startingValue(ctx, r, tx, src, r.dest, st, cfg)
 			if err != nil {
 				return err
 			}
@@ -192,11 +193,12 @@ func isZero(number string) bool {
 	return err == nil && f == 0
 }
 
-// startingValue is where replication starts when the maker pulls nothing
-// (an existing table, or p_pulldata false): the destination's highest
-// control value, or where the source is now when it has none (its now()
-// for a timestamp control column, its max for a serial one).
-func startingValue(ctx context.Context, tx pgx.Tx, src *pgxpool.Conn, dest ident.Name, st *sourceTable, cfg *incConfig) (string, error) {
+// startingValue is where replication starts when the maker pulls nothing:
+// after the destination's highest control value or, when it has none,
+// where a refresh run now would stop. Rows past that bound (for 'auto',
+// those of transactions still open on the source) are copied by the first
+// refresh; the rows before it count as there before replication began.
+func (a *Agent) startingValue(ctx context.Context, r *run, tx pgx.Tx, src *pgxpool.Conn, dest ident.Name, st *sourceTable, cfg *incConfig) (string, error) {
 	c := ident.Quote(cfg.Control)
 	var v *string
 	if err := tx.QueryRow(ctx, `SELECT `+cfg.Kind.text(`max(`+c+`)`)+` FROM `+dest.Sanitize()).Scan(&v); err != nil {
@@ -205,15 +207,24 @@ func startingValue(ctx context.Context, tx pgx.Tx, src *pgxpool.Conn, dest ident
 	if v != nil {
 		return *v, nil
 	}
-	q := `SELECT ` + cfg.Kind.text(`now()::`+cfg.Kind.sqlType())
-	if !cfg.Kind.timed() {
-		q = `SELECT ` + cfg.Kind.text(`coalesce(max(`+c+`), 0)`) + ` FROM ` + st.Name.Sanitize()
+	bound, err := a.upperBound(ctx, r, src, cfg, st)
+	switch {
+	case err != nil:
+		return "", err
+	case bound == "" && cfg.Kind.timed():
+		return "", errors.New("cannot tell where replication starts while a prepared transaction is open on the source (see pg_prepared_xacts): resolve it and retry, or pull the data (p_pulldata => true)")
+	case bound == "":
+		return "0", nil // the source has no rows yet: every one to come is copied
+	case !cfg.Kind.timed():
+		return bound, nil // serial bounds include themselves
 	}
-	var s string
-	if err := src.QueryRow(ctx, q).Scan(&s); err != nil {
-		return "", fmt.Errorf("read the source's current %s: %w", cfg.Control, err)
+	// A time bound excludes itself (a row at it may still come): start just
+	// before it, so that row is copied.
+	var start string
+	if err := src.QueryRow(ctx, `SELECT `+cfg.Kind.text(`$1::text::`+cfg.Kind.sqlType()+` - interval '1 microsecond'`), bound).Scan(&start); err != nil {
+		return "", fmt.Errorf("compute the starting point: %w", err)
 	}
-	return s, nil
+	return start, nil
 }
 
 // updaterKey picks the columns rows are replaced by: p_pk_field when given,

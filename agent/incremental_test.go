@@ -339,3 +339,34 @@ func TestIncrementalRunMessages(t *testing.T) {
 	o = e.done(`SELECT mimeo.refresh_inserter('public.empty')`)
 	require.Equal(t, "nothing new on the source; last_value is 3", *o.Message)
 }
+
+// With 'auto', a maker that pulls nothing starts where a refresh would
+// stop: before the oldest transaction still open on the source, whose rows
+// the first refresh then copies (they would be lost otherwise).
+func TestMakerWithoutDataKeepsOpenTransactions(t *testing.T) {
+	t.Parallel()
+	e := setup(t)
+	e.exec(e.app, `CREATE TABLE public.open (id int PRIMARY KEY, ts timestamptz NOT NULL DEFAULT now())`)
+	e.exec(e.app, `INSERT INTO public.open (id, ts) SELECT g, now() - interval '1 hour' FROM generate_series(1, 10) g`)
+	// A replication role of its own: roles are the cluster's, and another
+	// test checks that replRole lacks pg_read_all_stats.
+	const statsRole = "mimeo_repl_stats"
+	require.NoError(t, pgtest.CreateRole(e.ctx, pgtest.Source(), statsRole, replPass, "LOGIN"))
+	e.exec(e.src, `GRANT pg_read_all_stats TO `+statsRole)
+	e.exec(e.app, `GRANT SELECT ON public.open TO `+statsRole)
+	e.exec(e.dst, `UPDATE mimeo.dblink_mapping SET username = $1 WHERE data_source_id = $2`, statsRole, e.dblink)
+	e.startAgent(e.config())
+	open, err := e.app.Begin(e.ctx)
+	require.NoError(t, err)
+	defer func() { _ = open.Rollback(e.ctx) }()
+	_, err = open.Exec(e.ctx, `INSERT INTO public.open (id) VALUES (100)`) // ts is the transaction's start
+	require.NoError(t, err)
+	e.done(`SELECT mimeo.updater_maker('public.open', 'ts', $1, p_boundary => 'auto', p_pulldata => false)`, e.dblink)
+	require.NoError(t, open.Commit(e.ctx))
+	e.exec(e.app, `INSERT INTO public.open (id) VALUES (101)`)
+	require.Eventually(t, func() bool {
+		e.done(`SELECT mimeo.refresh_updater('public.open')`)
+		return e.count("public.open") == 2
+	}, 10*time.Second, 200*time.Millisecond, "rows of a transaction open at the maker are copied")
+	require.Equal(t, checksum(t, e.ctx, e.src, `(SELECT * FROM public.open WHERE id >= 100)`), checksum(t, e.ctx, e.dst, "public.open"))
+}

@@ -52,6 +52,13 @@ func (a *Agent) refreshQueued(ctx context.Context, r *run, typ string) error {
 	if err != nil {
 		return fmt.Errorf("refresh %s: %w", r.dest, err)
 	}
+	if slices.ContainsFunc(diff.Retyped, func(c retyped) bool { return slices.Contains(cfg.PkField, c.Now.Name) }) {
+		// A key retyped beyond its kind makes the source's writes fail
+		// until the queue follows: at once, not at the repull.
+		if err := retypeQueueKeys(ctx, src, cfg, st); err != nil {
+			return fmt.Errorf("refresh %s: %w", r.dest, err)
+		}
+	}
 	if args.Repull {
 		if typ == "logdel" {
 			// A TRUNCATE queued before the repull still marks its rows
@@ -352,9 +359,6 @@ func applyLogdel(ctx context.Context, tx pgx.Tx, cfg *queueConfig, st *sourceTab
 // entries stay for the next replay. A failure anywhere loses no change.
 // logdel keeps its deletion history, and adds the deletions still queued.
 func (a *Agent) repullQueued(ctx context.Context, r *run, src *pgxpool.Conn, cfg *queueConfig, st *sourceTable, diff columnDiff) error {
-	if err := retypeQueueKeys(ctx, src, cfg, st); err != nil {
-		return fmt.Errorf("repull %s: %w", r.dest, err)
-	}
 	snap, err := src.BeginTx(ctx, pgx.TxOptions{IsoLevel: pgx.RepeatableRead, AccessMode: pgx.ReadWrite})
 	if err != nil {
 		return fmt.Errorf("repull %s: %w", r.dest, err)
@@ -381,6 +385,13 @@ func (a *Agent) repullQueued(ctx context.Context, r *run, src *pgxpool.Conn, cfg
 		}
 		if err := recordColumns(ctx, tx, cfg.Type, r.req.DestTable, st); err != nil {
 			return err
+		}
+		keyTypes := make([]string, len(cfg.PkField))
+		for i, k := range cfg.PkField {
+			keyTypes[i] = st.Columns[indexOfColumn(st.Columns, k)].Type
+		}
+		if _, err := tx.Exec(ctx, "UPDATE "+typeConfigTable(cfg.Type)+" SET pk_type = $2 WHERE dest_table = $1", r.req.DestTable, keyTypes); err != nil {
+			return fmt.Errorf("record key types: %w", err)
 		}
 		target := r.dest
 		if cfg.Type == "logdel" {

@@ -33,6 +33,9 @@ const (
 
 // checkSchema refuses to start against a schema of another version.
 func (a *Agent) checkSchema(ctx context.Context) error {
+	if err := a.pool.Ping(ctx); err != nil {
+		return fmt.Errorf("connect to destination: %w", ServerError(err))
+	}
 	version, err := mimeosql.InstalledVersion(ctx, a.pool)
 	switch {
 	case errors.Is(err, mimeosql.ErrNotInstalled):

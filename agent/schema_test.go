@@ -3,6 +3,7 @@ package agent_test
 import (
 	"context"
 	"errors"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -178,6 +179,23 @@ func TestWaitTimeoutTellsTheTruth(t *testing.T) {
 	require.Contains(t, msg, "it is running on agent")
 	close(held)
 	require.Equal(t, "done", e.await(later).Status, "the timed-out request still ran")
+}
+
+// An agent killed with SIGKILL is dead at once for a waiter, whatever its
+// last heartbeat says: its session, and the liveness lock on it, are gone.
+func TestWaitAfterTheAgentWasKilled(t *testing.T) {
+	t.Parallel()
+	e := setup(t)
+	e.createItems("public.items", 10)
+	proc := e.startAgentProcess()
+	e.done(`SELECT mimeo.snapshot_maker('public.items', $1)`, e.dblink)
+	require.NoError(t, proc.Process.Kill())
+	_ = proc.Wait()
+	id := e.request(`SELECT mimeo.refresh_snap('public.items')`)
+	require.Eventually(t, func() bool {
+		msg := e.sqlError(`SELECT mimeo.wait($1, '10 ms')`, id)
+		return strings.Contains(msg, "no mimeo-agent is running (the last one") && strings.Contains(msg, "died")
+	}, 5*time.Second, 50*time.Millisecond, "a killed agent is not alive")
 }
 
 // CALL ..._wait commits between polls: while it waits, the waiting session

@@ -54,7 +54,7 @@ func (s *sources) acquire(ctx context.Context, dest queue.DB, id int) (*pgxpool.
 	}
 	conn, err := sp.pool.Acquire(ctx)
 	if err != nil {
-		return nil, sp.desc, fmt.Errorf("connect to source %d (%s): %w", id, sp.desc, serverError(err))
+		return nil, sp.desc, fmt.Errorf("connect to source %d (%s): %w", id, sp.desc, ServerError(err))
 	}
 	return conn, sp.desc, nil
 }

@@ -405,8 +405,14 @@ DECLARE
     v_ahead int;
     v_state text;
 BEGIN
-    SELECT count(*), max(last_seen) INTO v_alive, v_seen FROM mimeo.agent
-    WHERE status IN ('running', 'stopping') AND last_seen > clock_timestamp() - interval '1 minute';
+    -- Alive: a recent heartbeat, and the liveness lock its session holds
+    -- (gone at once when an agent is killed).
+    SELECT count(*), max(last_seen) INTO v_alive, v_seen FROM mimeo.agent a
+    WHERE a.status IN ('running', 'stopping') AND a.last_seen > clock_timestamp() - interval '1 minute'
+      AND EXISTS (SELECT 1 FROM pg_catalog.pg_locks l
+                  WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
+                    AND l.database = (SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database())
+                    AND l.classid = mimeo.agent_lock_key()::oid AND l.objid = a.id::oid);
     v_state := CASE
         WHEN r.status = 'queued' THEN 'it stays queued and runs when an agent takes it'
         WHEN v_alive > 0 THEN format('it is running on agent %s since %s, and will end on its own', r.agent_id, r.started_at)
@@ -420,8 +426,7 @@ BEGIN
                              v_last.id, v_last.host, v_last.pid, date_trunc('second', v_last.last_seen),
                              date_trunc('second', clock_timestamp() - v_last.last_seen),
                              CASE v_last.status WHEN 'stopped' THEN 'stopped cleanly'
-                                                WHEN 'dead' THEN 'died'
-                                                ELSE 'stopped sending heartbeats' END) END,
+                                                ELSE 'died (its session is gone, or it stopped sending heartbeats)' END) END,
             v_state
             USING HINT = 'Start one: MIMEO_DATABASE_URL=... mimeo-agent run. Then wait again: SELECT * FROM mimeo.wait(' || r.id || ').';
     END IF;

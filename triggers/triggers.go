@@ -173,7 +173,11 @@ func (s Spec) queueDDL() string {
 // An update queues its new keys and, for the rows whose key it changed
 // (PostgreSQL reports a row moved to another partition this way too), the
 // old ones: logdel keeps what such a row and a deleted one held, as jsonb,
-// which outlives any later change to the table's columns.
+// which outlives any later change to the table's columns. A TRUNCATE
+// queues a marker; for logdel it first keeps, as deletions, the values of
+// the rows changed since the last replay (the destination has older ones),
+// found through the queue so that the TRUNCATE costs what is pending, not
+// what the table holds.
 func (s Spec) function() string {
 	n := s.Names()
 	q := n.Queue.Sanitize()
@@ -184,9 +188,21 @@ func (s Spec) function() string {
 		same[i] = "n." + k + " = o." + k
 	}
 	gone := fmt.Sprintf("INSERT INTO %s (%s) SELECT %s FROM old_rows o", q, keys, okeys)
+	truncated := ""
 	if s.Logdel {
 		gone = fmt.Sprintf("INSERT INTO %s (%s, %s, %s) SELECT %s, to_jsonb(o), clock_timestamp() FROM old_rows o",
 			q, keys, ident.Quote(ColRow), ident.Quote(ColDeletedAt), okeys)
+		match := make([]string, len(s.Keys))
+		for i, k := range quoteAll(s.Keys) {
+			match[i] = "o." + k + " = k." + k
+		}
+		pending := fmt.Sprintf("INSERT INTO %s (%s, %s, %s) SELECT %s, to_jsonb(o), clock_timestamp() FROM (SELECT DISTINCT %s FROM %s WHERE %s IS NULL AND %s IS NULL) k JOIN \x00 o ON %s",
+			q, keys, ident.Quote(ColRow), ident.Quote(ColDeletedAt), okeys, keys, q, ident.Quote(ColDeletedAt), ident.Quote(ColTruncated),
+			strings.Join(match, " AND "))
+		// format() reads % in the names as its own: double them, then put
+		// in the truncated table's place.
+		pending = strings.Replace(strings.ReplaceAll(pending, "%", "%%"), "\x00", "%s", 1)
+		truncated = "EXECUTE format(" + quoteLiteral(pending) + ", TG_RELID::regclass);\n        "
 	}
 	return fmt.Sprintf(`CREATE FUNCTION %s() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $mimeo$
@@ -200,7 +216,7 @@ BEGIN
     ELSIF TG_OP = 'DELETE' THEN
         %s;
     ELSE
-        INSERT INTO %s (%s) VALUES (clock_timestamp());
+        %sINSERT INTO %s (%s) VALUES (clock_timestamp());
     END IF;
     RETURN NULL;
 END
@@ -209,7 +225,7 @@ $mimeo$`, n.Function.Sanitize(),
 		q, keys, keys,
 		gone, strings.Join(same, " AND "),
 		gone,
-		q, ident.Quote(ColTruncated))
+		truncated, q, ident.Quote(ColTruncated))
 }
 
 // Attach returns the statements that put the triggers on one table (the
@@ -224,7 +240,8 @@ func (s Spec) Attach(table ident.Name) []string {
 			ident.Quote(n.Update), t, fn),
 		fmt.Sprintf("CREATE TRIGGER %s AFTER DELETE ON %s REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION %s()",
 			ident.Quote(n.Delete), t, fn),
-		fmt.Sprintf("CREATE TRIGGER %s AFTER TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION %s()",
+		// BEFORE: logdel still sees the rows it keeps the last values of.
+		fmt.Sprintf("CREATE TRIGGER %s BEFORE TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION %s()",
 			ident.Quote(n.Truncate), t, fn),
 	}
 }

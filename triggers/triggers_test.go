@@ -27,7 +27,7 @@ func TestCreateQuotesEverything(t *testing.T) {
 	part := ident.Name{Schema: "public", Table: `part'; --`}
 	s := Spec{
 		Source: ident.Name{Schema: "public", Table: `Weird "Name"; DROP TABLE x`},
-		Keys:   []Column{{Name: `id"; --`, Type: "integer"}},
+		Keys:   []Column{{Name: `id"; --`, Type: "integer"}, {Name: `100%s`, Type: "text"}},
 		Logdel: true,
 		Tag:    "abcd1234",
 	}
@@ -39,6 +39,7 @@ func TestCreateQuotesEverything(t *testing.T) {
 	require.NotContains(t, sql, `Weird "Name"; DROP`)
 	require.Contains(t, sql, "mimeo_deleted_at")
 	require.Contains(t, sql, `"id""; --" bigint`, "the queue key is of the widest integer type")
+	require.Contains(t, sql, `"100%%s"`, "a % in a name is no format() placeholder")
 	require.Len(t, s.Create(), 2+4*2, "queue, function, four triggers on each of the two tables")
 	require.Contains(t, s.QueueKeysOf(part), `FROM ONLY "public"."part'; --"`)
 }

@@ -24,9 +24,9 @@ func cmdInstall(ctx context.Context, args []string, stdout, stderr io.Writer) er
 	if err != nil {
 		return err
 	}
-	conn, err := pgx.Connect(ctx, cfg.DatabaseURL)
+	conn, err := connectDestination(ctx, cfg.DatabaseURL)
 	if err != nil {
-		return fmt.Errorf("connect to destination: %w", err)
+		return err
 	}
 	defer conn.Close(context.WithoutCancel(ctx))
 	res, err := mimeosql.Installer{Waiting: func(msg string) { fmt.Fprintln(stderr, "mimeo-agent install: "+msg) }}.Run(ctx, conn)
@@ -129,9 +129,9 @@ func cmdStatus(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	if err != nil {
 		return err
 	}
-	conn, err := pgx.Connect(ctx, cfg.DatabaseURL)
+	conn, err := connectDestination(ctx, cfg.DatabaseURL)
 	if err != nil {
-		return fmt.Errorf("connect to destination: %w", err)
+		return err
 	}
 	defer conn.Close(context.WithoutCancel(ctx))
 	rows, err := conn.Query(ctx, sqlStatus)
@@ -165,9 +165,9 @@ func cmdVersion(ctx context.Context, args []string, stdout, stderr io.Writer) er
 	if err != nil {
 		return nil // no database given: the binary's versions are all we can tell
 	}
-	conn, err := pgx.Connect(ctx, cfg.DatabaseURL)
+	conn, err := connectDestination(ctx, cfg.DatabaseURL)
 	if err != nil {
-		return fmt.Errorf("connect to destination: %w", err)
+		return err
 	}
 	defer conn.Close(context.WithoutCancel(ctx))
 	installed, err := mimeosql.InstalledVersion(ctx, conn)
@@ -180,4 +180,15 @@ func cmdVersion(ctx context.Context, args []string, stdout, stderr io.Writer) er
 	}
 	fmt.Fprintf(stdout, "destination: mimeo schema %s\n", installed)
 	return nil
+}
+
+// connectDestination opens a connection to the destination; a failure says
+// the server's answer first (a wrong password, not the TLS refusal before
+// it).
+func connectDestination(ctx context.Context, url string) (*pgx.Conn, error) {
+	conn, err := pgx.Connect(ctx, url)
+	if err != nil {
+		return nil, fmt.Errorf("connect to destination: %w", agent.ServerError(err))
+	}
+	return conn, nil
 }

@@ -50,6 +50,16 @@ func TestCommandLine(t *testing.T) {
 	require.Equal(t, exitSchema, code)
 	require.Contains(t, stderr, "run mimeo-agent install")
 
+	// A wrong password says so first, not the TLS attempt pgx made before.
+	wrong := fmt.Sprintf("postgres://mimeo_agent:wrong@127.0.0.1:%d/%s", dst.Port, dstDB)
+	for _, c := range []string{"install", "status", "run"} {
+		code, _, stderr = cli(c, "--database-url", wrong)
+		require.NotZero(t, code, c)
+		require.Contains(t, stderr, `password authentication failed for user "mimeo_agent"`, c)
+		require.NotContains(t, stderr, "tls", c)
+		require.Equal(t, 1, strings.Count(stderr, "\n"), "%s: one line: %s", c, stderr)
+	}
+
 	code, stdout, _ := cli("install", "--database-url", url)
 	require.Equal(t, 0, code)
 	require.Contains(t, stdout, "installed mimeo")
