@@ -166,11 +166,8 @@ func checkIncColumns(ctx context.Context, dst queue.DB, dest ident.Name, st *sou
 	if kind != cfg.Kind {
 		return columnDiff{}, fmt.Errorf("control column %q is now %s, was %s: recreate the table with the destroyer and maker", cfg.Control, kind, cfg.Kind)
 	}
-	for _, k := range cfg.PkField {
-		if !containsColumn(st.Columns, k) {
-			return columnDiff{}, fmt.Errorf("%w: key column %q is no longer a copied column of %s (dropped or renamed); recreate the table with the destroyer and maker",
-				ErrColumnsChanged, k, st.Name)
-		}
+	if err := checkKeyColumns(cfg.Type, cfg.PkField, st); err != nil {
+		return columnDiff{}, err
 	}
 	return checkColumns(ctx, dst, dest, st, cfg.Columns)
 }

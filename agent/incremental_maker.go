@@ -34,7 +34,7 @@ VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14 %s)`
 // up in batches like a refresh. Without p_pulldata, or onto an existing
 // table used as it is, nothing is pulled: as in the original mimeo,
 // replication starts after the table's highest control value or, when it
-// has none, where the source is now (see startingValue).
+// has none, where a refresh run would stop now (see startingValue).
 func (a *Agent) makeIncremental(ctx context.Context, r *run, typ string) error {
 	var args incMakerArgs
 	if err := r.args(&args); err != nil {

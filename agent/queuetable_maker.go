@@ -41,13 +41,10 @@ func (a *Agent) makeQueued(ctx context.Context, r *run, typ string) error {
 	if err != nil {
 		return fail(err)
 	}
-	var instance string
-	if err := r.dst.QueryRow(ctx, `SELECT id FROM mimeo.instance`).Scan(&instance); err != nil {
-		return fail(fmt.Errorf("read mimeo.instance: %w", err))
-	}
-	spec := triggers.Spec{Source: st.Name, Logdel: typ == "logdel", Tag: triggers.Tag(instance, r.req.DestTable)}
-	for i, k := range keys {
-		spec.Keys = append(spec.Keys, triggers.Column{Name: k, Type: keyTypeOf(st, k, keyTypes[i])})
+	// updaterKey only picks copied columns: their types are the source's.
+	spec, err := newQueueSpec(ctx, r, typ, st, keys)
+	if err != nil {
+		return fail(err)
 	}
 	if err := spec.Validate(); err != nil {
 		return fail(err)
@@ -205,13 +202,6 @@ func (a *Agent) destroyQueued(ctx context.Context, r *run, typ string) error {
 	}
 	r.note(ctx, "Remove source objects", "removed "+cfg.Names.Queue.String()+", "+cfg.Names.Function.String()+" and the triggers", false)
 	return a.destroyTable(ctx, r)
-}
-
-func keyTypeOf(st *sourceTable, name, given string) string {
-	if i := indexOfColumn(st.Columns, name); i >= 0 {
-		return st.Columns[i].Type
-	}
-	return given
 }
 
 // unconstrained drops NOT NULL (staging tables hold what the queue holds).

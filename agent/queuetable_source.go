@@ -77,17 +77,29 @@ func treeStrings(tree []treeMember) []string {
 	return out
 }
 
-// queueSpec describes a configured table's source objects as they are to
-// be: its keys with the source's current types, on every table of tree.
-func queueSpec(ctx context.Context, r *run, cfg *queueConfig, st *sourceTable, tree []treeMember) (triggers.Spec, error) {
+// newQueueSpec describes the source objects of this run's table, keyed
+// by keys (source columns, with the source's current types); Tables is
+// left for the caller, which knows the tree.
+func newQueueSpec(ctx context.Context, r *run, typ string, st *sourceTable, keys []string) (triggers.Spec, error) {
 	var instance string
 	if err := r.dst.QueryRow(ctx, `SELECT id FROM mimeo.instance`).Scan(&instance); err != nil {
 		return triggers.Spec{}, fmt.Errorf("read mimeo.instance: %w", err)
 	}
-	spec := triggers.Spec{Source: st.Name, Logdel: cfg.Type == "logdel", Tag: triggers.Tag(instance, r.req.DestTable), Tables: treeNames(tree)}
-	for _, k := range cfg.PkField {
+	spec := triggers.Spec{Source: st.Name, Logdel: typ == "logdel", Tag: triggers.Tag(instance, r.req.DestTable)}
+	for _, k := range keys {
 		spec.Keys = append(spec.Keys, triggers.Column{Name: k, Type: st.Columns[indexOfColumn(st.Columns, k)].Type})
 	}
+	return spec, nil
+}
+
+// queueSpec describes a configured table's source objects as they are to
+// be: its keys with the source's current types, on every table of tree.
+func queueSpec(ctx context.Context, r *run, cfg *queueConfig, st *sourceTable, tree []treeMember) (triggers.Spec, error) {
+	spec, err := newQueueSpec(ctx, r, cfg.Type, st, cfg.PkField)
+	if err != nil {
+		return spec, err
+	}
+	spec.Tables = treeNames(tree)
 	if spec.Names().Queue != cfg.Names.Queue {
 		return spec, fmt.Errorf("the source queue %s is not the one this destination would name (%s): was mimeo.instance changed? recreate the table with %s_destroyer and %s_maker",
 			cfg.Names.Queue, spec.Names().Queue, cfg.Type, cfg.Type)
@@ -95,13 +107,13 @@ func queueSpec(ctx context.Context, r *run, cfg *queueConfig, st *sourceTable, t
 	return spec, nil
 }
 
-// checkKeyColumns makes sure the key columns are still source columns: no
-// repull can rebuild a table around a key that is gone.
-func checkKeyColumns(cfg *queueConfig, st *sourceTable) error {
-	for _, k := range cfg.PkField {
+// checkKeyColumns makes sure the key columns are still copied source
+// columns: no repull can rebuild a table around a key that is gone.
+func checkKeyColumns(typ string, keys []string, st *sourceTable) error {
+	for _, k := range keys {
 		if !containsColumn(st.Columns, k) {
-			return fmt.Errorf("%w: key column %q is no longer a column of %s (dropped or renamed); recreate the table with %s_destroyer and %s_maker",
-				ErrColumnsChanged, k, st.Name, cfg.Type, cfg.Type)
+			return fmt.Errorf("%w: key column %q is no longer a column of %s (dropped, renamed, or left out by p_filter); recreate the table with %s_destroyer and %s_maker",
+				ErrColumnsChanged, k, st.Name, typ, typ)
 		}
 	}
 	return nil
@@ -112,7 +124,7 @@ func checkKeyColumns(cfg *queueConfig, st *sourceTable) error {
 // table left the tree since the last run (its rows left the source with no
 // trigger firing).
 func (a *Agent) syncSourceObjects(ctx context.Context, r *run, src *pgxpool.Conn, cfg *queueConfig, st *sourceTable) (bool, error) {
-	if err := checkKeyColumns(cfg, st); err != nil {
+	if err := checkKeyColumns(cfg.Type, cfg.PkField, st); err != nil {
 		return false, err
 	}
 	tree, err := sourceTree(ctx, src, st.Name, cfg.Names.Function)
