@@ -19,11 +19,12 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 
+	"github.com/mimeo-dev/mimeo/logical"
 	"github.com/mimeo-dev/mimeo/queue"
 )
 
 // Version is mimeo-agent's version; it installs schema version mimeosql.Version.
-const Version = "0.4.0"
+const Version = "0.5.0"
 
 // Agent serves one destination database.
 type Agent struct {
@@ -33,6 +34,7 @@ type Agent struct {
 	sources  *sources
 	handlers map[string]handler
 	metrics  *metrics
+	logical  *logical.Engine
 	id       atomic.Int64 // row in mimeo.agent, set by register
 
 	// jobCtx is the parent of every running job. It outlives Run's ctx by
@@ -72,6 +74,8 @@ func New(ctx context.Context, cfg Config, logger hclog.Logger) (*Agent, error) {
 	a := &Agent{cfg: cfg, log: logger, pool: pool, sources: newSources(cfg, logger.Named("source")), stopping: make(chan struct{}), metrics: newMetrics()}
 	a.jobCtx, a.cancelJob = context.WithCancel(context.WithoutCancel(ctx))
 	a.handlers = a.registerHandlers()
+	a.logical = logical.New(logical.Config{MemoryBudget: cfg.LogicalMemory, WALWarnBytes: cfg.LogicalWALWarning, Faults: cfg.LogicalFaults},
+		pool, logicalSources{a}, logger.Named("logical"), logical.NewMetrics(a.metrics.registry))
 	if err := a.checkSchema(ctx); err != nil {
 		pool.Close()
 		return nil, err
@@ -136,6 +140,7 @@ func (a *Agent) Run(parent context.Context) error {
 	}
 	a.log.Info("agent started", "agent_id", a.agentID(), "workers", a.cfg.Workers, "version", Version)
 	bg.Go(func() { a.heartbeat(bgCtx) })
+	bg.Go(func() { a.logical.Run(bgCtx) })
 
 	a.serve(ctx, listener.C())
 

@@ -33,6 +33,15 @@ type Config struct {
 	SourceIdleTimeout time.Duration `env:"MIMEO_SOURCE_IDLE_TIMEOUT, default=1m"`
 	// ConnectTimeout bounds connecting to a source.
 	ConnectTimeout time.Duration `env:"MIMEO_CONNECT_TIMEOUT, default=10s"`
+	// LogicalSyncTimeout bounds how long refresh_logical waits for the
+	// stream to reach the source's position.
+	LogicalSyncTimeout time.Duration `env:"MIMEO_LOGICAL_SYNC_TIMEOUT, default=5m"`
+	// LogicalWALWarning: a slot retaining more WAL than this many bytes on
+	// its source is warned about (log and metric).
+	LogicalWALWarning int64 `env:"MIMEO_LOGICAL_WAL_WARNING, default=1073741824"`
+	// LogicalMemory bounds the bytes of changes a stream holds before
+	// applying them; a larger source transaction is applied in pieces.
+	LogicalMemory int `env:"MIMEO_LOGICAL_MEMORY, default=16777216"`
 	// MetricsAddr, when set, serves Prometheus metrics at http://<addr>/metrics.
 	MetricsAddr string `env:"MIMEO_METRICS_ADDR"`
 	// LogLevel is trace, debug, info, warn or error.
@@ -47,6 +56,9 @@ type Config struct {
 	// FaultHook, when set, is called at named points of a run; an error it
 	// returns stops the run there, as a crash would. Tests use it.
 	FaultHook func(point string) error
+	// LogicalFaults, when set, is called at named points of the logical
+	// streams ("before commit", "after commit"); tests use it.
+	LogicalFaults func(point string) error
 }
 
 // now is the configured clock.

@@ -29,7 +29,12 @@ const (
 	replRole  = "mimeo_repl"
 	replPass  = "repl-secret"
 	appRole   = "app"
-	template  = "mimeo_template"
+	// The logical type's replication role: REPLICATION, and a member of
+	// the application role (so it owns what publications need); the
+	// least-privilege test uses a role of its own.
+	logicalRole = "mimeo_logical"
+	logicalPass = "logical pw"
+	template    = "mimeo_template"
 )
 
 // Roles a DBA may hand destination objects to: the agent is a member of
@@ -64,6 +69,12 @@ func TestMain(m *testing.M) {
 			return err
 		}
 		if err := pgtest.CreateRole(ctx, src, appRole, "", "LOGIN"); err != nil {
+			return err
+		}
+		if err := pgtest.CreateRole(ctx, src, logicalRole, logicalPass, "LOGIN REPLICATION"); err != nil {
+			return err
+		}
+		if err := src.Exec(ctx, "postgres", "GRANT "+appRole+" TO "+logicalRole); err != nil {
 			return err
 		}
 		if err := dst.CreateDatabase(ctx, template, "", agentRole); err != nil {

@@ -4,7 +4,7 @@ import "slices"
 
 // configTypes are the replication types with a config table of their own,
 // mimeo.refresh_config_<type>; only these names reach SQL that way.
-var configTypes = []string{"snap", "table", "inserter", "updater", "dml", "logdel"}
+var configTypes = []string{"snap", "table", "inserter", "updater", "dml", "logdel", "logical"}
 
 // typeConfigTable is the config table of a replication type.
 func typeConfigTable(typ string) string {
@@ -36,5 +36,8 @@ func (a *Agent) registerHandlers() map[string]handler {
 		"logdel_maker":       {job: "Logdel Maker", run: a.makeLogdel},
 		"refresh_logdel":     {job: "Refresh Logdel", run: a.refreshLogdel},
 		"logdel_destroyer":   {job: "Logdel Destroyer", run: a.destroyLogdel},
+		"logical_maker":      {job: "Logical Maker", run: a.makeLogical},
+		"refresh_logical":    {job: "Refresh Logical", run: a.refreshLogical},
+		"logical_destroyer":  {job: "Logical Destroyer", run: a.destroyLogical},
 	}
 }

@@ -5,6 +5,9 @@ import (
 	"time"
 )
 
+// scheduledTypes are refreshed by period; logical tables stream instead.
+var scheduledTypes = []string{"snap", "table", "inserter", "updater", "dml", "logdel"}
+
 const sqlSchedule = `SELECT count(*) FROM unnest($1::text[]) t, LATERAL mimeo.run_refresh(t, $2) id`
 
 // schedule enqueues refreshes of tables (of every type) whose last_run + period has passed,
@@ -15,7 +18,7 @@ func (a *Agent) schedule(ctx context.Context) {
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
 	var n int
-	if err := a.pool.QueryRow(ctx, sqlSchedule, configTypes, a.cfg.Workers).Scan(&n); err != nil {
+	if err := a.pool.QueryRow(ctx, sqlSchedule, scheduledTypes, a.cfg.Workers).Scan(&n); err != nil {
 		if ctx.Err() == nil {
 			a.log.Warn("cannot schedule periodic refreshes", "error", err)
 		}

@@ -8,6 +8,7 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/mimeo-dev/mimeo/internal/ident"
@@ -141,4 +142,74 @@ func (a *Agent) openSource(ctx context.Context, r *run, s sourceSpec) (*pgxpool.
 		return nil, nil, err
 	}
 	return src, st, nil
+}
+
+// mapping reads source id's dblink_mapping row into a connection config.
+func (s *sources) mapping(ctx context.Context, dest queue.DB, id int) (*pgconn.Config, error) {
+	var dataSource, user, pwd string
+	err := dest.QueryRow(ctx, sqlSourceMapping, id).Scan(&dataSource, &user, &pwd)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return nil, fmt.Errorf("source %d: %w", id, ErrUnknownSource)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("read source %d from mimeo.dblink_mapping: %w", id, err)
+	}
+	cfg, err := pgconn.ParseConfig(dataSource)
+	if err != nil {
+		return nil, fmt.Errorf("source %d: data_source is not a valid connection string: %w", id, err)
+	}
+	cfg.User = user
+	if pwd != "" {
+		cfg.Password = pwd
+	}
+	if cfg.ConnectTimeout == 0 {
+		cfg.ConnectTimeout = s.cfg.ConnectTimeout
+	}
+	cfg.RuntimeParams["application_name"] = "mimeo-agent logical"
+	return cfg, nil
+}
+
+// replicationConfig is a replication connection's config for source id.
+func (s *sources) replicationConfig(ctx context.Context, dest queue.DB, id int) (*pgconn.Config, error) {
+	cfg, err := s.mapping(ctx, dest, id)
+	if err != nil {
+		return nil, err
+	}
+	cfg.RuntimeParams["replication"] = "database"
+	return cfg, nil
+}
+
+// pgconnConnect opens a replication connection.
+func pgconnConnect(ctx context.Context, cfg *pgconn.Config) (*pgconn.PgConn, error) {
+	conn, err := pgconn.ConnectConfig(ctx, cfg)
+	if err != nil {
+		return nil, fmt.Errorf("open replication connection to %s/%s: %w", cfg.Host, cfg.Database, ServerError(err))
+	}
+	return conn, nil
+}
+
+// logicalSources gives the logical engine its source connections.
+type logicalSources struct{ a *Agent }
+
+// Connect opens a session on source dblink.
+func (l logicalSources) Connect(ctx context.Context, dblink int) (*pgx.Conn, error) {
+	cfg, err := l.a.sources.mapping(ctx, l.a.pool, dblink)
+	if err != nil {
+		return nil, err
+	}
+	ccfg, err := pgx.ParseConfig("")
+	if err != nil {
+		return nil, err
+	}
+	ccfg.Config = *cfg
+	conn, err := pgx.ConnectConfig(ctx, ccfg)
+	if err != nil {
+		return nil, ServerError(err)
+	}
+	return conn, nil
+}
+
+// ReplicationConfig is the config of a replication connection to dblink.
+func (l logicalSources) ReplicationConfig(ctx context.Context, dblink int) (*pgconn.Config, error) {
+	return l.a.sources.replicationConfig(ctx, l.a.pool, dblink)
 }

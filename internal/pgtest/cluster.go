@@ -64,8 +64,9 @@ var defaultSettings = map[string]string{
 	"full_page_writes":      "off",
 	"max_connections":       "300",
 	"shared_buffers":        "128MB",
-	"max_wal_senders":       "10",
-	"max_replication_slots": "10",
+	"max_wal_senders":       "40",
+	"max_replication_slots": "40",
+	"wal_writer_delay":      "10ms",
 	"log_min_messages":      "warning",
 	"logging_collector":     "off",
 }

@@ -1,0 +1,475 @@
+package logical
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/jackc/pglogrepl"
+	"github.com/jackc/pgx/v5"
+
+	"github.com/mimeo-dev/mimeo/internal/ident"
+)
+
+// applier applies the stream's transactions to the destination, the only
+// writer of its tables and of applied_lsn. Small source transactions are
+// gathered (whole) into one destination transaction; one larger than the
+// memory budget is applied in pieces inside one.
+type applier struct {
+	s      *stream
+	rels   map[uint32]*relation
+	types  map[*relation][]string
+	plans  map[string]*plan // by destination table
+	shapes map[string]string
+
+	applied   pglogrepl.LSN // stored in mimeo.logical_source.applied_lsn
+	storedAt  time.Time
+	lastIdle  time.Time
+	lastCheck time.Time
+	warned    bool
+	syncWant  pglogrepl.LSN
+
+	// The destination transaction being built.
+	tx      pgx.Tx
+	targets map[*relation][]*target
+	batches map[string]*tableBatch
+	backlog []backlogRow
+	size    int
+	changes int
+}
+
+// target is one destination table a relation's changes go to in the
+// current transaction.
+type target struct {
+	cfg  *tableConfig
+	plan *plan // ready tables only
+}
+
+func newApplier(s *stream) *applier {
+	return &applier{s: s, rels: map[uint32]*relation{}, types: map[*relation][]string{}, plans: map[string]*plan{},
+		shapes: map[string]string{}, applied: s.start, storedAt: time.Now()}
+}
+
+// run consumes items until ctx ends or an error.
+func (a *applier) run(ctx context.Context, items <-chan any) error {
+	var (
+		cur   *txn   // the transaction being received
+		group []*txn // complete transactions not applied yet
+		size  int
+		large bool // cur is being applied in pieces, in a.tx
+	)
+	defer a.rollback(ctx)
+	flushGroup := func() error {
+		if len(group) == 0 {
+			return nil
+		}
+		err := a.applyGroup(ctx, group)
+		group, size = nil, 0
+		return err
+	}
+	idle := time.NewTicker(250 * time.Millisecond)
+	defer idle.Stop()
+	for {
+		var item any
+		select {
+		case <-ctx.Done():
+			return context.Cause(ctx)
+		case item = <-items:
+		case <-idle.C:
+			if cur == nil {
+				if err := flushGroup(); err != nil {
+					return err
+				}
+				if err := a.idleDuties(ctx); err != nil {
+					return err
+				}
+			}
+			continue
+		}
+		switch m := item.(type) {
+		case *pglogrepl.RelationMessage:
+			a.rels[m.RelationID] = relationOf(m)
+		case *pglogrepl.BeginMessage:
+			// A transaction applied before a restart may be sent again.
+			cur = &txn{commitLSN: m.FinalLSN, commitAt: m.CommitTime, skip: m.FinalLSN < a.applied}
+		case *pglogrepl.InsertMessage, *pglogrepl.UpdateMessage, *pglogrepl.DeleteMessage, *pglogrepl.TruncateMessage:
+			if cur == nil {
+				return errors.New("pgoutput sent a change outside a transaction")
+			}
+			if cur.skip {
+				continue
+			}
+			n, err := a.decode(m, cur)
+			if err != nil {
+				return err
+			}
+			cur.size += n
+			if cur.size < a.s.e.cfg.MemoryBudget {
+				continue
+			}
+			// Too large to hold: apply what is held in pieces, inside one
+			// destination transaction that commits with the source's.
+			if !large {
+				if err := flushGroup(); err != nil {
+					return err
+				}
+				if err := a.begin(ctx); err != nil {
+					return err
+				}
+				large = true
+				a.s.log.Info("applying a large source transaction in pieces", "commit_lsn", cur.commitLSN.String())
+			}
+			if err := a.feed(ctx, cur); err != nil {
+				return a.failed(ctx, err)
+			}
+			if err := a.flushBatches(ctx); err != nil {
+				return a.failed(ctx, err)
+			}
+			cur.changes, cur.size = cur.changes[:0], 0
+		case *pglogrepl.CommitMessage:
+			if cur == nil {
+				return errors.New("pgoutput sent a commit outside a transaction")
+			}
+			cur.endLSN, cur.commitAt = m.TransactionEndLSN, m.CommitTime
+			done := cur
+			cur = nil
+			if done.skip {
+				continue
+			}
+			if large {
+				large = false
+				if err := a.feed(ctx, done); err != nil {
+					return a.failed(ctx, err)
+				}
+				if err := a.commit(ctx, []*txn{done}); err != nil {
+					return a.failed(ctx, err)
+				}
+				continue
+			}
+			group = append(group, done)
+			size += done.size
+			if len(items) == 0 || size >= a.s.e.cfg.MemoryBudget || len(group) >= 1000 {
+				if err := flushGroup(); err != nil {
+					return err
+				}
+			}
+		case marker:
+			if cur != nil {
+				continue
+			}
+			if err := flushGroup(); err != nil {
+				return err
+			}
+			if err := a.advance(ctx, m.lsn); err != nil {
+				return err
+			}
+		}
+	}
+}
+
+// relationOf converts a Relation message.
+func relationOf(m *pglogrepl.RelationMessage) *relation {
+	r := &relation{id: m.RelationID, schema: m.Namespace, table: m.RelationName}
+	for _, c := range m.Columns {
+		r.columns = append(r.columns, relColumn{name: c.Name, typeID: c.DataType, typmod: c.TypeModifier, key: c.Flags&1 != 0})
+	}
+	return r
+}
+
+// decode appends a change message to t and returns the bytes it holds.
+func (a *applier) decode(msg any, t *txn) (int, error) {
+	rel := func(id uint32) (*relation, error) {
+		r, ok := a.rels[id]
+		if !ok {
+			return nil, fmt.Errorf("pgoutput sent a change of relation %d before describing it", id)
+		}
+		return r, nil
+	}
+	switch m := msg.(type) {
+	case *pglogrepl.InsertMessage:
+		r, err := rel(m.RelationID)
+		if err != nil {
+			return 0, err
+		}
+		vals, _, n := tupleValues(m.Tuple)
+		t.changes = append(t.changes, change{op: opInsert, rel: r, new: vals})
+		return n, nil
+	case *pglogrepl.UpdateMessage:
+		r, err := rel(m.RelationID)
+		if err != nil {
+			return 0, err
+		}
+		old, _, n1 := tupleValues(m.OldTuple)
+		vals, unchanged, n2 := tupleValues(m.NewTuple)
+		t.changes = append(t.changes, change{op: opUpdate, rel: r, old: old, new: vals, unchanged: unchanged})
+		return n1 + n2, nil
+	case *pglogrepl.DeleteMessage:
+		r, err := rel(m.RelationID)
+		if err != nil {
+			return 0, err
+		}
+		old, _, n := tupleValues(m.OldTuple)
+		t.changes = append(t.changes, change{op: opDelete, rel: r, old: old})
+		return n, nil
+	case *pglogrepl.TruncateMessage:
+		for _, id := range m.RelationIDs {
+			r, err := rel(id)
+			if err != nil {
+				return 0, err
+			}
+			t.changes = append(t.changes, change{op: opTruncate, rel: r})
+		}
+		return 16, nil
+	}
+	return 0, nil
+}
+
+// begin opens the destination transaction.
+func (a *applier) begin(ctx context.Context) error {
+	if a.tx != nil {
+		return nil
+	}
+	tx, err := a.s.dst.Begin(ctx)
+	if err != nil {
+		return fmt.Errorf("begin destination transaction: %w", err)
+	}
+	a.tx = tx
+	a.targets = map[*relation][]*target{}
+	a.batches = map[string]*tableBatch{}
+	a.backlog = nil
+	a.changes = 0
+	return nil
+}
+
+// rollback abandons the destination transaction, if any.
+func (a *applier) rollback(ctx context.Context) {
+	if a.tx != nil {
+		_ = a.tx.Rollback(context.WithoutCancel(ctx))
+		a.tx = nil
+	}
+}
+
+// applyGroup applies whole transactions in one destination transaction.
+func (a *applier) applyGroup(ctx context.Context, group []*txn) error {
+	if err := a.begin(ctx); err != nil {
+		return err
+	}
+	for _, t := range group {
+		if err := a.feed(ctx, t); err != nil {
+			return a.failed(ctx, err)
+		}
+	}
+	if err := a.commit(ctx, group); err != nil {
+		return a.failed(ctx, err)
+	}
+	return nil
+}
+
+// feed routes a transaction's held changes to the tables they go to.
+func (a *applier) feed(ctx context.Context, t *txn) error {
+	at := t.commitAt.UTC().Format(time.RFC3339Nano)
+	for _, c := range t.changes {
+		targets, err := a.targetsOf(ctx, c.rel)
+		if err != nil {
+			return err
+		}
+		for _, tg := range targets {
+			switch tg.cfg.state {
+			case "ready":
+				if t.commitLSN < tg.cfg.startLSN {
+					continue // in the table's copy already
+				}
+				if tg.plan == nil || tg.plan.rel != c.rel {
+					if err := a.replan(ctx, tg, c.rel); err != nil {
+						return err
+					}
+				}
+				b := a.batches[tg.cfg.destText]
+				if b == nil || b.plan != tg.plan {
+					if b != nil && !b.empty() {
+						if _, err := b.apply(ctx, a.tx); err != nil {
+							return err
+						}
+					}
+					b = newTableBatch(tg.plan)
+					a.batches[tg.cfg.destText] = b
+				}
+				b.add(c, at)
+			case "copying", "copied":
+				a.backlog = append(a.backlog, backlogOf(tg.cfg.destText, t, c))
+			}
+			a.changes++
+		}
+	}
+	return nil
+}
+
+// targetsOf returns, reading them once per destination transaction, the
+// tables rel's changes go to.
+func (a *applier) targetsOf(ctx context.Context, rel *relation) ([]*target, error) {
+	if t, ok := a.targets[rel]; ok {
+		return t, nil
+	}
+	cfgs, err := readTargets(ctx, a.tx, a.s.dblink, ident.Name{Schema: rel.schema, Table: rel.table})
+	if err != nil {
+		return nil, err
+	}
+	var out []*target
+	for _, c := range cfgs {
+		tg := &target{cfg: c}
+		if p := a.plans[c.destText]; p != nil && a.shapes[c.destText] == c.shape() && p.rel == rel {
+			p.cfg = c
+			tg.plan = p
+		}
+		out = append(out, tg)
+	}
+	a.targets[rel] = out
+	return out, nil
+}
+
+// replan builds the plan of a target for rel.
+func (a *applier) replan(ctx context.Context, tg *target, rel *relation) error {
+	types, ok := a.types[rel]
+	if !ok {
+		var err error
+		if types, err = relationTypes(ctx, a.s.src, rel); err != nil {
+			return err
+		}
+		a.types[rel] = types
+	}
+	p, err := buildPlan(ctx, a.tx, a.s.src, tg.cfg, rel, types)
+	if err != nil {
+		return err
+	}
+	tg.plan = p
+	a.plans[tg.cfg.destText] = p
+	a.shapes[tg.cfg.destText] = tg.cfg.shape()
+	return nil
+}
+
+// flushBatches applies what the batches hold, inside the transaction.
+func (a *applier) flushBatches(ctx context.Context) error {
+	names := make([]string, 0, len(a.batches))
+	for n := range a.batches {
+		names = append(names, n)
+	}
+	slices.Sort(names) // one order for every stream: no deadlocks between them
+	for _, n := range names {
+		b := a.batches[n]
+		if b.empty() {
+			continue
+		}
+		if _, err := b.apply(ctx, a.tx); err != nil {
+			return err
+		}
+	}
+	if err := writeBacklog(ctx, a.tx, a.backlog); err != nil {
+		return err
+	}
+	a.backlog = a.backlog[:0]
+	return nil
+}
+
+// commit applies what is left, stores the last transaction's end LSN
+// with it, and commits; then the slot may be acknowledged up to there.
+func (a *applier) commit(ctx context.Context, done []*txn) error {
+	if err := a.flushBatches(ctx); err != nil {
+		return err
+	}
+	last := done[len(done)-1]
+	if err := a.s.fault("before commit"); err != nil {
+		return err
+	}
+	if err := a.store(ctx, a.tx, last.endLSN, &last.commitAt); err != nil {
+		return err
+	}
+	if err := a.tx.Commit(ctx); err != nil {
+		a.tx = nil
+		return fmt.Errorf("commit destination transaction: %w", err)
+	}
+	a.tx = nil
+	a.acknowledge(last.endLSN)
+	m := a.s.e.metrics
+	src := label(a.s.dblink)
+	m.txns.WithLabelValues(src).Add(float64(len(done)))
+	m.changes.WithLabelValues(src).Add(float64(a.changes))
+	m.lag.WithLabelValues(src).Set(time.Since(last.commitAt).Seconds())
+	return a.s.fault("after commit")
+}
+
+// store records applied_lsn in tx.
+func (a *applier) store(ctx context.Context, tx pgx.Tx, lsn pglogrepl.LSN, commitAt *time.Time) error {
+	var sync *string
+	err := tx.QueryRow(ctx, `UPDATE mimeo.logical_source SET applied_lsn = $2::text::pg_lsn, applied_at = now(),
+    last_commit_at = coalesce($3, last_commit_at), status = 'streaming', status_detail = NULL
+WHERE dblink = $1 RETURNING sync_lsn::text`, a.s.dblink, lsn.String(), commitAt).Scan(&sync)
+	if err != nil {
+		return fmt.Errorf("record applied position: %w", err)
+	}
+	if sync != nil {
+		if v, err := pglogrepl.ParseLSN(*sync); err == nil {
+			a.syncWant = v
+		}
+	}
+	return nil
+}
+
+// acknowledge lets the receiver acknowledge the slot up to lsn, now that
+// the destination has committed it.
+func (a *applier) acknowledge(lsn pglogrepl.LSN) {
+	a.applied = lsn
+	a.storedAt = time.Now()
+	a.s.acked.Store(uint64(lsn))
+}
+
+// advance moves applied_lsn to a keepalive's position when nothing is in
+// flight: the source wrote only what this stream does not carry, and the
+// slot must not hold that WAL back. It is stored at most once a second,
+// at once while a sync point waits.
+func (a *applier) advance(ctx context.Context, lsn pglogrepl.LSN) error {
+	if lsn <= a.applied {
+		return nil
+	}
+	if time.Since(a.storedAt) < time.Second && a.syncWant <= a.applied {
+		return nil
+	}
+	tx, err := a.s.dst.Begin(ctx)
+	if err != nil {
+		return err
+	}
+	defer func() { _ = tx.Rollback(context.WithoutCancel(ctx)) }()
+	if err := a.store(ctx, tx, lsn, nil); err != nil {
+		return err
+	}
+	if err := tx.Commit(ctx); err != nil {
+		return fmt.Errorf("record applied position: %w", err)
+	}
+	a.acknowledge(lsn)
+	return nil
+}
+
+// failed handles an apply error: one table's error marks that table failed
+// (in a transaction of its own) and restarts the stream, which resends
+// what was not committed; the other tables go on.
+func (a *applier) failed(ctx context.Context, err error) error {
+	a.rollback(ctx)
+	var te *tableError
+	if !errors.As(err, &te) {
+		return err
+	}
+	a.s.log.Error("logical table failed; it gets no changes until a repull", "dest_table", te.dest, "error", te.err)
+	a.s.e.metrics.failed.WithLabelValues(label(a.s.dblink)).Inc()
+	detail := te.err.Error()
+	if !strings.Contains(detail, "p_repull") {
+		detail += repullHint(te.dest)
+	}
+	if _, xerr := a.s.dst.Exec(context.WithoutCancel(ctx), `UPDATE ONLY mimeo.refresh_config_logical SET state = 'failed', state_detail = $2 WHERE dest_table = $1`,
+		te.dest, detail); xerr != nil {
+		return fmt.Errorf("%w; and cannot mark it failed: %v", err, xerr)
+	}
+	delete(a.plans, te.dest)
+	return errRestart
+}

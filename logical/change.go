@@ -1,0 +1,86 @@
+package logical
+
+import (
+	"time"
+
+	"github.com/jackc/pglogrepl"
+)
+
+// relation is a source table as pgoutput describes it (a Relation message).
+type relation struct {
+	id      uint32
+	schema  string
+	table   string
+	columns []relColumn
+}
+
+// relColumn is one column of a relation.
+type relColumn struct {
+	name   string
+	typeID uint32
+	typmod int32
+	key    bool // part of the replica identity
+}
+
+// columnIndex returns the position of the column called name, or -1.
+func (r *relation) columnIndex(name string) int {
+	for i, c := range r.columns {
+		if c.name == name {
+			return i
+		}
+	}
+	return -1
+}
+
+// Change kinds.
+const (
+	opInsert   = 'I'
+	opUpdate   = 'U'
+	opDelete   = 'D'
+	opTruncate = 'T'
+)
+
+// change is one row change of a source transaction, its tuples in the
+// relation's column order. A nil value is NULL; unchanged[i] marks a
+// TOASTed value pgoutput left out because the UPDATE did not change it.
+type change struct {
+	op        byte
+	rel       *relation
+	old       []*string // UPDATE with a changed key or REPLICA IDENTITY FULL, DELETE: the old key (or row)
+	new       []*string // INSERT, UPDATE
+	unchanged []bool    // UPDATE: new values not sent
+}
+
+// txn is one source transaction as it arrives.
+type txn struct {
+	commitLSN pglogrepl.LSN // from BEGIN: the commit record's position
+	endLSN    pglogrepl.LSN // from COMMIT: where the next transaction may start
+	commitAt  time.Time
+	changes   []change
+	size      int  // bytes of values held, for the memory budget
+	skip      bool // applied already (before a restart)
+}
+
+// tupleValues converts pgoutput tuple data (text format) into values.
+func tupleValues(t *pglogrepl.TupleData) ([]*string, []bool, int) {
+	if t == nil {
+		return nil, nil, 0
+	}
+	vals := make([]*string, len(t.Columns))
+	var unchanged []bool
+	size := 0
+	for i, c := range t.Columns {
+		switch c.DataType {
+		case pglogrepl.TupleDataTypeText, pglogrepl.TupleDataTypeBinary:
+			s := string(c.Data)
+			vals[i] = &s
+			size += len(c.Data)
+		case pglogrepl.TupleDataTypeToast:
+			if unchanged == nil {
+				unchanged = make([]bool, len(t.Columns))
+			}
+			unchanged[i] = true
+		}
+	}
+	return vals, unchanged, size + 16*len(t.Columns)
+}

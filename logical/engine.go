@@ -1,0 +1,153 @@
+// Package logical is mimeo's logical-decoding engine: one stream per source
+// database, reading a permanent slot (pgoutput) for all that source's
+// logical tables, applying each source transaction exactly once to the
+// destination and acknowledging the slot only up to what the destination
+// has committed. The agent starts an Engine; makers, refreshes and
+// destroyers (run by the agent as requests) meet the streams through the
+// destination's tables.
+package logical
+
+import (
+	"context"
+	"errors"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgxpool"
+)
+
+// Sources opens connections to the source databases of dblink_mapping.
+type Sources interface {
+	// Connect opens a read-write session on source dblink.
+	Connect(ctx context.Context, dblink int) (*pgx.Conn, error)
+	// ReplicationConfig is the configuration of a replication connection
+	// (replication=database) to source dblink.
+	ReplicationConfig(ctx context.Context, dblink int) (*pgconn.Config, error)
+}
+
+// Config tunes the engine.
+type Config struct {
+	// MemoryBudget bounds the bytes of changes held per stream before they
+	// are applied (a larger transaction is applied in pieces inside one
+	// destination transaction).
+	MemoryBudget int
+	// WALWarnBytes: a slot retaining more WAL than this is warned about.
+	WALWarnBytes int64
+	// StatusInterval is how often the slot is acknowledged.
+	StatusInterval time.Duration
+	// Faults, when set, is called at named points; an error it returns
+	// ends the stream there as a crash would. Tests use it.
+	Faults func(point string) error
+}
+
+// Engine runs one stream per source that has logical tables.
+type Engine struct {
+	cfg     Config
+	dst     *pgxpool.Pool
+	sources Sources
+	log     hclog.Logger
+	metrics *Metrics
+
+	mu      sync.Mutex
+	running map[int]bool
+}
+
+// New returns an engine for the destination pool dst. metrics may be nil.
+func New(cfg Config, dst *pgxpool.Pool, sources Sources, log hclog.Logger, metrics *Metrics) *Engine {
+	if cfg.MemoryBudget <= 0 {
+		cfg.MemoryBudget = 16 << 20
+	}
+	if cfg.WALWarnBytes <= 0 {
+		cfg.WALWarnBytes = 1 << 30
+	}
+	if cfg.StatusInterval <= 0 {
+		cfg.StatusInterval = time.Second
+	}
+	if metrics == nil {
+		metrics = NewMetrics(nil)
+	}
+	return &Engine{cfg: cfg, dst: dst, sources: sources, log: log, metrics: metrics, running: map[int]bool{}}
+}
+
+// Run starts and supervises the streams until ctx ends, then waits for
+// them to stop.
+func (e *Engine) Run(ctx context.Context) {
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	tick := time.NewTicker(time.Second)
+	defer tick.Stop()
+	for {
+		ids, err := e.wanted(ctx)
+		if err != nil && ctx.Err() == nil {
+			e.log.Warn("cannot list the sources of logical tables", "error", err)
+		}
+		for _, id := range ids {
+			e.mu.Lock()
+			busy := e.running[id]
+			e.running[id] = true
+			e.mu.Unlock()
+			if busy {
+				continue
+			}
+			wg.Go(func() {
+				defer func() { e.mu.Lock(); delete(e.running, id); e.mu.Unlock() }()
+				e.runSource(ctx, id)
+			})
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+	}
+}
+
+// wanted lists the sources with logical tables whose slot can stream.
+func (e *Engine) wanted(ctx context.Context) ([]int, error) {
+	rows, err := e.dst.Query(ctx, `SELECT DISTINCT c.dblink FROM ONLY mimeo.refresh_config_logical c
+JOIN mimeo.logical_source s ON s.dblink = c.dblink
+WHERE s.applied_lsn IS NOT NULL AND s.status <> 'needs_resync' ORDER BY 1`)
+	if err != nil {
+		return nil, err
+	}
+	return pgx.CollectRows(rows, pgx.RowTo[int])
+}
+
+// runSource streams one source until ctx ends or it has no tables left,
+// reconnecting after errors with a growing pause.
+func (e *Engine) runSource(ctx context.Context, dblink int) {
+	log := e.log.With("source", dblink)
+	pause := time.Second
+	for ctx.Err() == nil {
+		s := &stream{e: e, dblink: dblink, log: log}
+		err := s.run(ctx)
+		switch {
+		case ctx.Err() != nil:
+			return
+		case errors.Is(err, errNoTables), errors.Is(err, errBusy), errors.Is(err, errResync):
+			return
+		case errors.Is(err, errRestart):
+			pause = time.Second
+			continue
+		case err != nil:
+			log.Error("logical stream stopped; retrying", "error", err, "retry_in", pause.String())
+			s.setStatus(context.WithoutCancel(ctx), "error", err.Error())
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(pause):
+		}
+		pause = min(2*pause, 30*time.Second)
+	}
+}
+
+var (
+	errNoTables = errors.New("no logical tables left on this source")
+	errBusy     = errors.New("another agent streams this source")
+	errResync   = errors.New("the source needs a resync")
+	errRestart  = errors.New("stream restarts")
+)

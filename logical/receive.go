@@ -1,0 +1,119 @@
+package logical
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"github.com/jackc/pglogrepl"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgproto3"
+)
+
+// marker is a keepalive's position, passed on between transactions: when
+// the applier has applied everything before it, the slot may be
+// acknowledged up to it (the source wrote only other tables' changes).
+type marker struct{ lsn pglogrepl.LSN }
+
+// receive reads the replication connection and hands decoded messages to
+// out in order. It alone uses the connection: it also acknowledges the
+// slot, every StatusInterval and when the server asks, with flush and
+// apply set to what the destination has committed (s.acked).
+func (s *stream) receive(ctx context.Context, out chan<- any) error {
+	var (
+		received   pglogrepl.LSN
+		inTxn      bool
+		nextStatus time.Time
+	)
+	status := func(reply bool) error {
+		acked := pglogrepl.LSN(s.acked.Load())
+		nextStatus = time.Now().Add(s.e.cfg.StatusInterval)
+		return pglogrepl.SendStandbyStatusUpdate(ctx, s.repl, pglogrepl.StandbyStatusUpdate{
+			WALWritePosition: max(received, acked),
+			WALFlushPosition: acked,
+			WALApplyPosition: acked,
+			ReplyRequested:   reply,
+		})
+	}
+	// send hands msg on, acknowledging meanwhile if the applier is slow.
+	send := func(msg any) error {
+		for {
+			select {
+			case out <- msg:
+				return nil
+			case <-ctx.Done():
+				return context.Cause(ctx)
+			case <-time.After(time.Until(nextStatus)):
+				if err := status(false); err != nil {
+					return fmt.Errorf("acknowledge slot: %w", err)
+				}
+			}
+		}
+	}
+	for {
+		if reply := s.replyQ.Swap(false); reply || time.Now().After(nextStatus) {
+			if err := status(reply); err != nil {
+				return fmt.Errorf("acknowledge slot: %w", err)
+			}
+		}
+		rctx, cancel := context.WithTimeout(ctx, 100*time.Millisecond)
+		raw, err := s.repl.ReceiveMessage(rctx)
+		cancel()
+		if err != nil {
+			if pgconn.Timeout(err) && ctx.Err() == nil {
+				continue
+			}
+			if ctx.Err() != nil {
+				return context.Cause(ctx)
+			}
+			return fmt.Errorf("receive from slot: %w", err)
+		}
+		var data []byte
+		switch m := raw.(type) {
+		case *pgproto3.CopyData:
+			data = m.Data
+		case *pgproto3.ErrorResponse:
+			return fmt.Errorf("slot %s: %w", s.names.Slot, pgconn.ErrorResponseToPgError(m))
+		default:
+			continue
+		}
+		if len(data) == 0 {
+			continue
+		}
+		switch data[0] {
+		case pglogrepl.PrimaryKeepaliveMessageByteID:
+			k, err := pglogrepl.ParsePrimaryKeepaliveMessage(data[1:])
+			if err != nil {
+				return fmt.Errorf("parse keepalive: %w", err)
+			}
+			if !inTxn && k.ServerWALEnd > received {
+				received = k.ServerWALEnd
+				if err := send(marker{lsn: k.ServerWALEnd}); err != nil {
+					return err
+				}
+			}
+			if k.ReplyRequested {
+				nextStatus = time.Time{}
+			}
+		case pglogrepl.XLogDataByteID:
+			x, err := pglogrepl.ParseXLogData(data[1:])
+			if err != nil {
+				return fmt.Errorf("parse WAL data: %w", err)
+			}
+			msg, err := pglogrepl.Parse(x.WALData)
+			if err != nil {
+				return fmt.Errorf("decode pgoutput message: %w", err)
+			}
+			switch m := msg.(type) {
+			case *pglogrepl.BeginMessage:
+				inTxn = true
+			case *pglogrepl.CommitMessage:
+				inTxn = false
+				received = max(received, m.TransactionEndLSN)
+			}
+			if err := send(msg); err != nil {
+				return err
+			}
+		}
+	}
+}

@@ -1,0 +1,281 @@
+package logical
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strconv"
+	"time"
+
+	"github.com/jackc/pglogrepl"
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+
+	"github.com/mimeo-dev/mimeo/internal/ident"
+)
+
+// DB is what the helpers here need of a connection, pool or transaction.
+type DB interface {
+	Exec(ctx context.Context, sql string, args ...any) (pgconn.CommandTag, error)
+	Query(ctx context.Context, sql string, args ...any) (pgx.Rows, error)
+	QueryRow(ctx context.Context, sql string, args ...any) pgx.Row
+}
+
+// Names are the source objects of one destination's stream from one
+// source database: a permanent slot and a publication of the same name.
+type Names struct {
+	Slot        string
+	Publication string
+}
+
+// NamesFor derives the names from a token unique to the destination
+// (lowercase letters and digits) and the dblink_mapping id.
+func NamesFor(token string, dblink int) Names {
+	if len(token) > 16 {
+		token = token[:16]
+	}
+	n := "mimeo_" + token + "_" + strconv.Itoa(dblink)
+	return Names{Slot: n, Publication: n}
+}
+
+// StreamLockKey is the destination advisory lock the stream of a source
+// holds for its lifetime; whoever resets or drops the source's slot takes
+// it too.
+func StreamLockKey(dblink int) string { return "mimeo.logical:" + strconv.Itoa(dblink) }
+
+// SQLStreamLock takes the stream lock of source $1 for a transaction.
+const SQLStreamLock = `SELECT pg_advisory_xact_lock(hashtextextended('mimeo.logical:' || $1::int, 0))`
+
+// HintError is an error with the SQL a DBA runs to fix it.
+type HintError struct {
+	Err  error
+	Hint string
+}
+
+func (e *HintError) Error() string { return e.Err.Error() + " (HINT: " + e.Hint + ")" }
+func (e *HintError) Unwrap() error { return e.Err }
+
+// EnsurePublication makes sure the publication exists and publishes table
+// (a partitioned table as its root). tx is a read-write source transaction;
+// role is the replication role, named in the hints.
+func EnsurePublication(ctx context.Context, tx pgx.Tx, pub string, table ident.Name, role string) error {
+	var exists, member bool
+	err := tx.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_publication WHERE pubname = $1),
+       EXISTS (SELECT 1 FROM pg_catalog.pg_publication_rel pr JOIN pg_catalog.pg_publication p ON p.oid = pr.prpubid
+               WHERE p.pubname = $1 AND pr.prrelid = $2::regclass)`, pub, table.Sanitize()).Scan(&exists, &member)
+	if err != nil {
+		return fmt.Errorf("read publication %s: %w", pub, err)
+	}
+	q := ident.Quote(pub)
+	if !exists {
+		if _, err := tx.Exec(ctx, "SAVEPOINT mimeo_pub"); err != nil {
+			return err
+		}
+		_, err := tx.Exec(ctx, "CREATE PUBLICATION "+q+" WITH (publish = 'insert, update, delete, truncate', publish_via_partition_root = true)")
+		if err != nil {
+			if _, rerr := tx.Exec(ctx, "ROLLBACK TO SAVEPOINT mimeo_pub"); rerr != nil {
+				return rerr
+			}
+			if isCode(err, "42501") {
+				return &HintError{Err: fmt.Errorf("create publication %s: %w", pub, err),
+					Hint: fmt.Sprintf("as a superuser on the source run: CREATE PUBLICATION %s WITH (publish_via_partition_root = true); ALTER PUBLICATION %s OWNER TO %s; ALTER PUBLICATION %s ADD TABLE %s;",
+						q, q, ident.Quote(role), q, table.Sanitize())}
+			}
+			return fmt.Errorf("create publication %s: %w", pub, err)
+		}
+	}
+	if member {
+		return nil
+	}
+	if _, err := tx.Exec(ctx, "SAVEPOINT mimeo_pub"); err != nil {
+		return err
+	}
+	if _, err := tx.Exec(ctx, "ALTER PUBLICATION "+q+" ADD TABLE "+table.Sanitize()); err != nil {
+		if _, rerr := tx.Exec(ctx, "ROLLBACK TO SAVEPOINT mimeo_pub"); rerr != nil {
+			return rerr
+		}
+		if isCode(err, "42501") {
+			return &HintError{Err: fmt.Errorf("add %s to publication %s: %w", table, pub, err),
+				Hint: fmt.Sprintf("adding a table to a publication needs ownership of both; as a superuser on the source run: ALTER PUBLICATION %s ADD TABLE %s; then call the maker again",
+					q, table.Sanitize())}
+		}
+		return fmt.Errorf("add %s to publication %s: %w", table, pub, err)
+	}
+	return nil
+}
+
+// DropFromPublication takes table out of the publication, if it is in it.
+func DropFromPublication(ctx context.Context, tx pgx.Tx, pub string, table ident.Name) error {
+	var member bool
+	if err := tx.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_publication_tables
+        WHERE pubname = $1 AND schemaname = $2 AND tablename = $3)`, pub, table.Schema, table.Table).Scan(&member); err != nil {
+		return err
+	}
+	if !member {
+		return nil
+	}
+	if _, err := tx.Exec(ctx, "ALTER PUBLICATION "+ident.Quote(pub)+" DROP TABLE "+table.Sanitize()); err != nil {
+		if isCode(err, "42501") {
+			return &HintError{Err: fmt.Errorf("remove %s from publication %s: %w", table, pub, err),
+				Hint: fmt.Sprintf("as a superuser on the source run: ALTER PUBLICATION %s DROP TABLE %s;", ident.Quote(pub), table.Sanitize())}
+		}
+		return fmt.Errorf("remove %s from publication %s: %w", table, pub, err)
+	}
+	return nil
+}
+
+// SlotInfo is what the source says of a slot.
+type SlotInfo struct {
+	Exists         bool
+	Active         bool
+	ActivePID      int32
+	WALStatus      string
+	ConfirmedFlush pglogrepl.LSN
+	RetainedBytes  int64
+}
+
+// ReadSlot reads a slot's state from pg_replication_slots.
+func ReadSlot(ctx context.Context, src DB, slot string) (SlotInfo, error) {
+	var (
+		s       SlotInfo
+		pid     *int32
+		status  *string
+		flushed *string
+		kept    *int64
+	)
+	err := src.QueryRow(ctx, `SELECT active, active_pid, wal_status, confirmed_flush_lsn::text,
+       (pg_current_wal_lsn() - restart_lsn)::bigint
+FROM pg_catalog.pg_replication_slots WHERE slot_name = $1`, slot).Scan(&s.Active, &pid, &status, &flushed, &kept)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return s, nil
+	}
+	if err != nil {
+		return s, fmt.Errorf("read slot %s: %w", slot, err)
+	}
+	s.Exists = true
+	if pid != nil {
+		s.ActivePID = *pid
+	}
+	if status != nil {
+		s.WALStatus = *status
+	}
+	if flushed != nil {
+		if s.ConfirmedFlush, err = pglogrepl.ParseLSN(*flushed); err != nil {
+			return s, err
+		}
+	}
+	if kept != nil {
+		s.RetainedBytes = *kept
+	}
+	return s, nil
+}
+
+// freeSlot waits up to wait for a slot to be let go of (the walsender of
+// a killed agent notices its client is gone), then ends that walsender:
+// whoever calls this holds the source's stream lock, so no stream of this
+// destination uses the slot.
+func freeSlot(ctx context.Context, src DB, slot string, wait time.Duration) error {
+	deadline := time.Now().Add(wait)
+	for {
+		s, err := ReadSlot(ctx, src, slot)
+		if err != nil || !s.Exists || !s.Active {
+			return err
+		}
+		if time.Now().After(deadline) {
+			if _, err := src.Exec(ctx, `SELECT pg_terminate_backend($1)`, s.ActivePID); err != nil {
+				return fmt.Errorf("slot %s is in use by process %d, which cannot be ended: %w", slot, s.ActivePID, err)
+			}
+			deadline = time.Now().Add(wait)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
+
+// DropSlot drops the slot if it exists, ending a walsender left over by a
+// killed agent. The caller holds the stream lock.
+func DropSlot(ctx context.Context, src DB, slot string) error {
+	if err := freeSlot(ctx, src, slot, 5*time.Second); err != nil {
+		return err
+	}
+	_, err := src.Exec(ctx, `SELECT pg_drop_replication_slot(slot_name) FROM pg_catalog.pg_replication_slots WHERE slot_name = $1`, slot)
+	if err != nil {
+		return fmt.Errorf("drop slot %s: %w", slot, err)
+	}
+	return nil
+}
+
+// CreateSlot creates the permanent slot on a replication connection and
+// returns its consistent point and the source's system identifier.
+func CreateSlot(ctx context.Context, repl *pgconn.PgConn, slot string) (pglogrepl.LSN, string, error) {
+	sys, err := pglogrepl.IdentifySystem(ctx, repl)
+	if err != nil {
+		return 0, "", fmt.Errorf("identify source system: %w", err)
+	}
+	res, err := pglogrepl.CreateReplicationSlot(ctx, repl, slot, "pgoutput",
+		pglogrepl.CreateReplicationSlotOptions{Mode: pglogrepl.LogicalReplication, SnapshotAction: "NOEXPORT_SNAPSHOT"})
+	if err != nil {
+		return 0, "", slotError("create replication slot "+slot, err)
+	}
+	lsn, err := pglogrepl.ParseLSN(res.ConsistentPoint)
+	return lsn, sys.SystemID, err
+}
+
+// CopySnapshot is a temporary slot's exported snapshot: an initial copy
+// read in it holds exactly the source transactions committed before
+// Point. The snapshot lives until Close.
+type CopySnapshot struct {
+	Point    pglogrepl.LSN
+	Snapshot string
+	conn     *pgconn.PgConn
+}
+
+// NewCopySnapshot creates a temporary slot on a new replication connection
+// made from cfg, keeping the connection open for its snapshot. Its creation
+// waits for the source transactions in flight to end.
+func NewCopySnapshot(ctx context.Context, cfg *pgconn.Config) (*CopySnapshot, error) {
+	conn, err := pgconn.ConnectConfig(ctx, cfg)
+	if err != nil {
+		return nil, fmt.Errorf("open replication connection: %w", err)
+	}
+	name := fmt.Sprintf("mimeo_copy_%d_%d", conn.PID(), time.Now().UnixNano()%1_000_000)
+	res, err := pglogrepl.CreateReplicationSlot(ctx, conn, name, "pgoutput",
+		pglogrepl.CreateReplicationSlotOptions{Temporary: true, Mode: pglogrepl.LogicalReplication, SnapshotAction: "EXPORT_SNAPSHOT"})
+	if err != nil {
+		_ = conn.Close(context.WithoutCancel(ctx))
+		return nil, slotError("create temporary slot for the copy", err)
+	}
+	lsn, err := pglogrepl.ParseLSN(res.ConsistentPoint)
+	if err != nil {
+		_ = conn.Close(context.WithoutCancel(ctx))
+		return nil, err
+	}
+	return &CopySnapshot{Point: lsn, Snapshot: res.SnapshotName, conn: conn}, nil
+}
+
+// Close ends the snapshot and drops the temporary slot.
+func (c *CopySnapshot) Close(ctx context.Context) { _ = c.conn.Close(context.WithoutCancel(ctx)) }
+
+// slotError explains the usual reasons a slot cannot be made.
+func slotError(what string, err error) error {
+	switch {
+	case isCode(err, "42501"):
+		return &HintError{Err: fmt.Errorf("%s: %w", what, err),
+			Hint: "the replication role needs the REPLICATION attribute: ALTER ROLE <role> REPLICATION;"}
+	case isCode(err, "53400"):
+		return &HintError{Err: fmt.Errorf("%s: %w", what, err),
+			Hint: "raise max_replication_slots (and max_wal_senders) on the source, or drop unused slots"}
+	case isCode(err, "55000"):
+		return &HintError{Err: fmt.Errorf("%s: %w", what, err), Hint: "set wal_level = logical on the source and restart it"}
+	}
+	return fmt.Errorf("%s: %w", what, err)
+}
+
+// isCode reports whether err wraps a PostgreSQL error with that SQLSTATE.
+func isCode(err error, code string) bool {
+	var pgErr *pgconn.PgError
+	return errors.As(err, &pgErr) && pgErr.Code == code
+}

@@ -1,0 +1,376 @@
+package logical
+
+import (
+	"context"
+	"fmt"
+	"strconv"
+	"strings"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/mimeo-dev/mimeo/internal/ident"
+)
+
+// apply runs the batch's segments in order on tx: each as a few set-based
+// statements whose rows travel as text arrays, cast on the destination.
+// It returns the rows written.
+func (b *tableBatch) apply(ctx context.Context, tx pgx.Tx) (int64, error) {
+	var rows int64
+	for _, s := range b.segs {
+		n, err := b.applySegment(ctx, tx, s)
+		if err != nil {
+			return rows, &tableError{dest: b.plan.cfg.destText, err: err}
+		}
+		rows += n
+	}
+	b.segs = nil
+	b.next()
+	b.changes = 0
+	return rows, nil
+}
+
+// arrays collects column-major text arrays and their unnest() list.
+type arrays struct {
+	args []any
+	cols [][]*string
+}
+
+func newArrays(n int) *arrays {
+	a := &arrays{cols: make([][]*string, n)}
+	return a
+}
+
+// unnest is "unnest($1::text[], ...) AS u(c0, ...)", numbering parameters
+// from first+1.
+func (a *arrays) unnest(first int) string {
+	var p, names []string
+	for i := range a.cols {
+		p = append(p, "$"+strconv.Itoa(first+i+1)+"::text[]")
+		names = append(names, "c"+strconv.Itoa(i))
+	}
+	return "unnest(" + strings.Join(p, ", ") + ") AS u(" + strings.Join(names, ", ") + ")"
+}
+
+func (a *arrays) params() []any {
+	out := make([]any, len(a.cols))
+	for i, c := range a.cols {
+		out[i] = c
+	}
+	return out
+}
+
+// keyMatch is `d.k1 = u.c<o>::t1 AND ...` for the key columns held in
+// arrays from offset o.
+func (p *plan) keyMatch(o int) string {
+	var parts []string
+	for i, k := range p.keys {
+		parts = append(parts, "d."+ident.Quote(k.name)+" = u.c"+strconv.Itoa(o+i)+"::"+k.typ)
+	}
+	return strings.Join(parts, " AND ")
+}
+
+func (b *tableBatch) applySegment(ctx context.Context, tx pgx.Tx, s *segment) (int64, error) {
+	p := b.plan
+	d := p.cfg.dest.Sanitize()
+	live := ""
+	if p.cfg.logdel {
+		live = " AND d." + ident.Quote(DeletedColumn) + " IS NULL"
+	}
+	var rows int64
+	if s.truncate {
+		if err := p.truncate(ctx, tx, s.truncateAt); err != nil {
+			return 0, err
+		}
+	}
+	if s.move != nil {
+		return p.applyMove(ctx, tx, s.moveFrom, s.move)
+	}
+	// Deletes: every key replaced by a full row loses all it has; a
+	// removed key loses its live row.
+	var all, liveOnly [][]*string
+	for _, k := range s.order {
+		op := s.ops[k]
+		switch {
+		case op.kind == rowFull, op.kind == rowRemove && !p.cfg.logdel:
+			all = append(all, op.key)
+		case op.kind == rowRemove:
+			liveOnly = append(liveOnly, op.key)
+		}
+	}
+	for i, set := range [][][]*string{all, liveOnly} {
+		if len(set) == 0 {
+			continue
+		}
+		a := p.keyArrays(set)
+		q := "DELETE FROM " + d + " d USING " + a.unnest(0) + " WHERE " + p.keyMatch(0)
+		if i == 1 {
+			q += live
+		}
+		if _, err := tx.Exec(ctx, q, a.params()...); err != nil {
+			return 0, fmt.Errorf("delete changed rows: %w", err)
+		}
+	}
+	n, err := p.insertFull(ctx, tx, s)
+	if err != nil {
+		return 0, err
+	}
+	rows += n
+	if n, err = p.updatePartial(ctx, tx, s, live); err != nil {
+		return 0, err
+	}
+	rows += n
+	if n, err = p.markDeleted(ctx, tx, s, live); err != nil {
+		return 0, err
+	}
+	return rows + n, nil
+}
+
+// keyArrays puts keys into column-major arrays.
+func (p *plan) keyArrays(keys [][]*string) *arrays {
+	a := newArrays(len(p.keys))
+	for _, k := range keys {
+		for i := range p.keys {
+			a.cols[i] = append(a.cols[i], k[i])
+		}
+	}
+	return a
+}
+
+// truncate empties the table (logdel: marks its live rows deleted).
+func (p *plan) truncate(ctx context.Context, tx pgx.Tx, at string) error {
+	d := p.cfg.dest.Sanitize()
+	if p.cfg.logdel {
+		if _, err := tx.Exec(ctx, "UPDATE "+d+" SET "+ident.Quote(DeletedColumn)+" = $1::timestamptz WHERE "+ident.Quote(DeletedColumn)+" IS NULL", at); err != nil {
+			return fmt.Errorf("mark rows deleted by TRUNCATE: %w", err)
+		}
+		return nil
+	}
+	// TRUNCATE needs more than DML rights: a table handed to another
+	// role is emptied with DELETE instead.
+	if _, err := tx.Exec(ctx, "SAVEPOINT mimeo_truncate"); err != nil {
+		return err
+	}
+	if _, err := tx.Exec(ctx, "TRUNCATE "+d); err != nil {
+		if _, rerr := tx.Exec(ctx, "ROLLBACK TO SAVEPOINT mimeo_truncate"); rerr != nil {
+			return rerr
+		}
+		if _, err := tx.Exec(ctx, "DELETE FROM "+d); err != nil {
+			return fmt.Errorf("apply TRUNCATE: %w", err)
+		}
+		return nil
+	}
+	_, err := tx.Exec(ctx, "RELEASE SAVEPOINT mimeo_truncate")
+	return err
+}
+
+// insertFull inserts the segment's full rows; with a condition only those
+// it admits (it is evaluated over every source column).
+func (p *plan) insertFull(ctx context.Context, tx pgx.Tx, s *segment) (int64, error) {
+	cond := p.cfg.condition
+	var srcCols []int // relation columns staged
+	if cond != "" {
+		for i := range p.rel.columns {
+			srcCols = append(srcCols, i)
+		}
+	} else {
+		for _, c := range p.cols {
+			srcCols = append(srcCols, c.src)
+		}
+	}
+	a := newArrays(len(srcCols) + 1)
+	count := 0
+	for _, k := range s.order {
+		op := s.ops[k]
+		if op.kind != rowFull {
+			continue
+		}
+		count++
+		for i, j := range srcCols {
+			var v *string
+			if j < len(op.tuple) {
+				v = op.tuple[j]
+			}
+			a.cols[i] = append(a.cols[i], v)
+		}
+		a.cols[len(srcCols)] = append(a.cols[len(srcCols)], op.deletedAt)
+	}
+	if count == 0 {
+		return 0, nil
+	}
+	var picks, names []string
+	for i, j := range srcCols {
+		typ := p.relTypes[j]
+		if cond == "" {
+			typ = p.cols[i].typ // the destination's own type
+		}
+		picks = append(picks, "u.c"+strconv.Itoa(i)+"::"+typ+" AS "+ident.Quote(p.rel.columns[j].name))
+	}
+	for _, c := range p.cols {
+		names = append(names, ident.Quote(c.name))
+	}
+	target := strings.Join(names, ", ")
+	if p.cfg.logdel {
+		picks = append(picks, "u.c"+strconv.Itoa(len(srcCols))+"::timestamptz AS "+ident.Quote(DeletedColumn))
+		target += ", " + ident.Quote(DeletedColumn)
+	}
+	q := "INSERT INTO " + p.cfg.dest.Sanitize() + " (" + target + ") SELECT " + target + " FROM (SELECT " + strings.Join(picks, ", ") +
+		" FROM " + a.unnest(0) + ") s"
+	if cond != "" {
+		q += " WHERE " + cond
+	}
+	tag, err := tx.Exec(ctx, q, a.params()...)
+	if err != nil {
+		return 0, fmt.Errorf("insert changed rows: %w", err)
+	}
+	return tag.RowsAffected(), nil
+}
+
+// updatePartial updates rows whose UPDATE left TOASTed values unchanged:
+// one statement per set of columns sent.
+func (p *plan) updatePartial(ctx context.Context, tx pgx.Tx, s *segment, live string) (int64, error) {
+	groups := map[string][]*rowOp{}
+	var order []string
+	for _, k := range s.order {
+		op := s.ops[k]
+		if op.kind != rowPartial {
+			continue
+		}
+		sig := p.sentSignature(op.unchanged)
+		if _, ok := groups[sig]; !ok {
+			order = append(order, sig)
+		}
+		groups[sig] = append(groups[sig], op)
+	}
+	var rows int64
+	for _, sig := range order {
+		ops := groups[sig]
+		n, err := p.updateRows(ctx, tx, ops, nil, live)
+		if err != nil {
+			return rows, err
+		}
+		rows += n
+	}
+	return rows, nil
+}
+
+// sentSignature names which destination columns an UPDATE sent.
+func (p *plan) sentSignature(unchanged []bool) string {
+	var sb strings.Builder
+	for _, c := range p.cols {
+		if c.src < len(unchanged) && unchanged[c.src] {
+			sb.WriteByte('u')
+		} else {
+			sb.WriteByte('s')
+		}
+	}
+	return sb.String()
+}
+
+// updateRows sets the sent columns of ops' rows (all of one signature),
+// found by their key or, for a move, by from. A row the destination lacks
+// means the copy is out of step: the table fails, unless a condition may
+// have kept the row out.
+func (p *plan) updateRows(ctx context.Context, tx pgx.Tx, ops []*rowOp, from [][]*string, live string) (int64, error) {
+	first := ops[0]
+	var sent []planCol
+	for _, c := range p.cols {
+		if !(c.src < len(first.unchanged) && first.unchanged[c.src]) {
+			sent = append(sent, c)
+		}
+	}
+	a := newArrays(len(p.keys) + len(sent))
+	for n, op := range ops {
+		key := op.key
+		if from != nil {
+			key = from[n]
+		}
+		for i := range p.keys {
+			a.cols[i] = append(a.cols[i], key[i])
+		}
+		for i, c := range sent {
+			a.cols[len(p.keys)+i] = append(a.cols[len(p.keys)+i], op.tuple[c.src])
+		}
+	}
+	if len(sent) == 0 {
+		return 0, nil
+	}
+	var sets []string
+	for i, c := range sent {
+		sets = append(sets, ident.Quote(c.name)+" = u.c"+strconv.Itoa(len(p.keys)+i)+"::"+c.typ)
+	}
+	d := p.cfg.dest.Sanitize()
+	tag, err := tx.Exec(ctx, "UPDATE "+d+" d SET "+strings.Join(sets, ", ")+" FROM "+a.unnest(0)+" WHERE "+p.keyMatch(0)+live, a.params()...)
+	if err != nil {
+		return 0, fmt.Errorf("update changed rows: %w", err)
+	}
+	if p.cfg.condition == "" && tag.RowsAffected() < int64(len(ops)) {
+		return 0, fmt.Errorf("the source updated %d rows the destination does not have: the copy is out of step with the source", int64(len(ops))-tag.RowsAffected())
+	}
+	if p.cfg.condition != "" {
+		// A row the update takes out of the condition leaves the copy.
+		ka := p.keyArrays(opKeys(ops))
+		if _, err := tx.Exec(ctx, "DELETE FROM "+d+" d USING "+ka.unnest(0)+" WHERE "+p.keyMatch(0)+
+			" AND NOT EXISTS (SELECT 1 FROM (SELECT d.*) s WHERE "+p.cfg.condition+")", ka.params()...); err != nil {
+			return 0, fmt.Errorf("apply condition to updated rows: %w", err)
+		}
+	}
+	return tag.RowsAffected(), nil
+}
+
+func opKeys(ops []*rowOp) [][]*string {
+	out := make([][]*string, len(ops))
+	for i, op := range ops {
+		out[i] = op.key
+	}
+	return out
+}
+
+// markDeleted marks the live rows of deleted keys (logdel).
+func (p *plan) markDeleted(ctx context.Context, tx pgx.Tx, s *segment, live string) (int64, error) {
+	a := newArrays(len(p.keys) + 1)
+	count := 0
+	for _, k := range s.order {
+		op := s.ops[k]
+		if op.kind != rowMark {
+			continue
+		}
+		count++
+		for i := range p.keys {
+			a.cols[i] = append(a.cols[i], op.key[i])
+		}
+		a.cols[len(p.keys)] = append(a.cols[len(p.keys)], op.deletedAt)
+	}
+	if count == 0 {
+		return 0, nil
+	}
+	tag, err := p.execMark(ctx, tx, a, live)
+	if err != nil {
+		return 0, err
+	}
+	return tag, nil
+}
+
+func (p *plan) execMark(ctx context.Context, tx pgx.Tx, a *arrays, live string) (int64, error) {
+	tag, err := tx.Exec(ctx, "UPDATE "+p.cfg.dest.Sanitize()+" d SET "+ident.Quote(DeletedColumn)+" = u.c"+strconv.Itoa(len(p.keys))+
+		"::timestamptz FROM "+a.unnest(0)+" WHERE "+p.keyMatch(0)+live, a.params()...)
+	if err != nil {
+		return 0, fmt.Errorf("mark deleted rows: %w", err)
+	}
+	return tag.RowsAffected(), nil
+}
+
+// applyMove applies an UPDATE that changed a row's key while leaving
+// TOASTed values unchanged: the row moves to its new key in place.
+func (p *plan) applyMove(ctx context.Context, tx pgx.Tx, from []*string, op *rowOp) (int64, error) {
+	d := p.cfg.dest.Sanitize()
+	// Whatever the new key has (logdel: a deleted row) gives way.
+	ka := p.keyArrays([][]*string{op.key})
+	if _, err := tx.Exec(ctx, "DELETE FROM "+d+" d USING "+ka.unnest(0)+" WHERE "+p.keyMatch(0), ka.params()...); err != nil {
+		return 0, fmt.Errorf("apply key change: %w", err)
+	}
+	live := ""
+	if p.cfg.logdel {
+		live = " AND d." + ident.Quote(DeletedColumn) + " IS NULL"
+	}
+	return p.updateRows(ctx, tx, []*rowOp{op}, [][]*string{from}, live)
+}

@@ -1,0 +1,207 @@
+package logical
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"github.com/jackc/pglogrepl"
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+)
+
+// stream is one connection to one source's slot.
+type stream struct {
+	e      *Engine
+	dblink int
+	log    hclog.Logger
+
+	names  Names
+	sysID  *string
+	dst    *pgx.Conn // holds the stream lock; every destination write of the stream
+	src    *pgx.Conn // catalog reads and slot checks
+	repl   *pgconn.PgConn
+	start  pglogrepl.LSN // applied_lsn when the stream started
+	acked  atomic.Uint64 // committed on the destination: what the slot may be acknowledged to
+	replyQ atomic.Bool   // ask the walsender for a keepalive (a sync point waits)
+}
+
+// run takes the stream lock, checks the slot, and streams until an error,
+// ctx's end, or the source has no tables left.
+func (s *stream) run(ctx context.Context) error {
+	dcfg := s.e.dst.Config().ConnConfig.Copy()
+	dcfg.RuntimeParams["application_name"] = "mimeo-agent logical"
+	dst, err := pgx.ConnectConfig(ctx, dcfg)
+	if err != nil {
+		return fmt.Errorf("connect to destination: %w", err)
+	}
+	s.dst = dst
+	defer func() { _ = dst.Close(context.WithoutCancel(ctx)) }()
+	var locked bool
+	if err := dst.QueryRow(ctx, `SELECT pg_try_advisory_lock(hashtextextended('mimeo.logical:' || $1::int, 0))`, s.dblink).Scan(&locked); err != nil {
+		return fmt.Errorf("take stream lock: %w", err)
+	}
+	if !locked {
+		return errBusy
+	}
+	var applied *string
+	var status string
+	err = dst.QueryRow(ctx, `SELECT slot_name, publication, system_identifier, applied_lsn::text, status
+FROM mimeo.logical_source WHERE dblink = $1`, s.dblink).Scan(&s.names.Slot, &s.names.Publication, &s.sysID, &applied, &status)
+	if errors.Is(err, pgx.ErrNoRows) || (err == nil && applied == nil) {
+		return errNoTables
+	}
+	if err != nil {
+		return fmt.Errorf("read mimeo.logical_source: %w", err)
+	}
+	if status == "needs_resync" {
+		return errResync
+	}
+	if s.start, err = pglogrepl.ParseLSN(*applied); err != nil {
+		return err
+	}
+	s.acked.Store(uint64(s.start))
+
+	if s.src, err = s.e.sources.Connect(ctx, s.dblink); err != nil {
+		return fmt.Errorf("connect to source %d: %w", s.dblink, err)
+	}
+	defer func() { _ = s.src.Close(context.WithoutCancel(ctx)) }()
+	rcfg, err := s.e.sources.ReplicationConfig(ctx, s.dblink)
+	if err != nil {
+		return err
+	}
+	if s.repl, err = pgconn.ConnectConfig(ctx, rcfg); err != nil {
+		return fmt.Errorf("open replication connection to source %d: %w", s.dblink, err)
+	}
+	defer func() { _ = s.repl.Close(context.WithoutCancel(ctx)) }()
+	if err := s.guard(ctx); err != nil {
+		return err
+	}
+	err = pglogrepl.StartReplication(ctx, s.repl, s.names.Slot, s.start, pglogrepl.StartReplicationOptions{
+		Mode:       pglogrepl.LogicalReplication,
+		PluginArgs: []string{"proto_version '1'", "publication_names " + quoteLit(s.names.Publication)},
+	})
+	if err != nil {
+		if lost(err) {
+			return s.needsResync(ctx, fmt.Sprintf("slot %s can no longer stream: %v", s.names.Slot, err))
+		}
+		return fmt.Errorf("start replication on slot %s: %w", s.names.Slot, err)
+	}
+	s.log.Info("logical stream started", "slot", s.names.Slot, "from", s.start.String())
+	s.setStatus(ctx, "streaming", "")
+
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	items := make(chan any, 4096)
+	recvDone := make(chan error, 1)
+	go func() {
+		err := s.receive(ctx, items)
+		cancel(err)
+		recvDone <- err
+	}()
+	a := newApplier(s)
+	err = a.run(ctx, items)
+	cancel(err)
+	rerr := <-recvDone
+	if err == nil || errors.Is(err, context.Canceled) {
+		if rerr != nil && !errors.Is(rerr, context.Canceled) {
+			err = rerr
+		}
+	}
+	if err != nil && lost(err) {
+		return s.needsResync(context.WithoutCancel(ctx), fmt.Sprintf("slot %s can no longer stream: %v", s.names.Slot, err))
+	}
+	return err
+}
+
+// guard refuses to stream from a slot that cannot continue exactly where
+// the destination stopped: missing, invalidated, moved past applied_lsn,
+// or on another cluster than the one it was made on.
+func (s *stream) guard(ctx context.Context) error {
+	sys, err := pglogrepl.IdentifySystem(ctx, s.repl)
+	if err != nil {
+		return fmt.Errorf("identify source system: %w", err)
+	}
+	if s.sysID != nil && *s.sysID != "" && *s.sysID != sys.SystemID {
+		return s.needsResync(ctx, fmt.Sprintf("the source's system identifier is %s, not %s as when slot %s was made: it is another cluster (restored or failed over), whose slot cannot continue the stream",
+			sys.SystemID, *s.sysID, s.names.Slot))
+	}
+	slot, err := ReadSlot(ctx, s.src, s.names.Slot)
+	if err != nil {
+		return err
+	}
+	switch {
+	case !slot.Exists:
+		return s.needsResync(ctx, fmt.Sprintf("slot %s is missing on the source (dropped?); changes since %s are lost to it", s.names.Slot, s.start))
+	case slot.WALStatus == "lost":
+		return s.needsResync(ctx, fmt.Sprintf("slot %s was invalidated (wal_status lost: the WAL it needed was removed, see max_slot_wal_keep_size)", s.names.Slot))
+	case slot.ConfirmedFlush > s.start:
+		return s.needsResync(ctx, fmt.Sprintf("slot %s was advanced to %s, past %s which the destination applied: the changes between are lost to it",
+			s.names.Slot, slot.ConfirmedFlush, s.start))
+	}
+	if slot.Active {
+		// A walsender left over by a killed agent: this destination's
+		// stream lock is ours, so nobody else of ours is using it.
+		if err := freeSlot(ctx, s.src, s.names.Slot, 10*time.Second); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// lost reports whether the server says the slot cannot stream any more.
+func lost(err error) bool {
+	var pgErr *pgconn.PgError
+	if !errors.As(err, &pgErr) {
+		return false
+	}
+	return strings.Contains(pgErr.Message, "can no longer get changes from replication slot") ||
+		strings.Contains(pgErr.Message, "has already been removed") ||
+		(pgErr.Code == "42704" && strings.Contains(pgErr.Message, "replication slot"))
+}
+
+// needsResync marks the source and its tables as needing a repull and
+// returns errResync.
+func (s *stream) needsResync(ctx context.Context, why string) error {
+	s.log.Error("logical source needs a resync: its tables get no changes until refresh_logical(p_repull => true)", "reason", why)
+	s.e.metrics.resync.WithLabelValues(label(s.dblink)).Set(1)
+	err := markResync(ctx, s.dst, s.dblink, why)
+	if err != nil {
+		return fmt.Errorf("%s; and cannot record it: %w", why, err)
+	}
+	return errResync
+}
+
+// markResync records on the destination that the source's slot cannot
+// continue: every table not failed already waits for a repull.
+func markResync(ctx context.Context, dst DB, dblink int, why string) error {
+	if _, err := dst.Exec(ctx, `UPDATE mimeo.logical_source SET status = 'needs_resync', status_detail = $2, checked_at = now() WHERE dblink = $1`, dblink, why); err != nil {
+		return err
+	}
+	_, err := dst.Exec(ctx, `UPDATE ONLY mimeo.refresh_config_logical SET state = 'needs_resync',
+    state_detail = $2 || '; run SELECT mimeo.refresh_logical(' || quote_literal(dest_table) || ', p_repull => true)'
+WHERE dblink = $1 AND state <> 'failed'`, dblink, why)
+	return err
+}
+
+// setStatus records the stream's status (errors are only logged).
+func (s *stream) setStatus(ctx context.Context, status, detail string) {
+	if _, err := s.e.dst.Exec(ctx, `UPDATE mimeo.logical_source SET status = $2, status_detail = nullif($3, '') WHERE dblink = $1 AND status <> 'needs_resync'`,
+		s.dblink, status, detail); err != nil {
+		s.log.Warn("cannot record the stream's status", "error", err)
+	}
+}
+
+// fault runs the test hook at point.
+func (s *stream) fault(point string) error {
+	if s.e.cfg.Faults == nil {
+		return nil
+	}
+	return s.e.cfg.Faults(point)
+}
+
+func quoteLit(s string) string { return "'" + strings.ReplaceAll(s, "'", "''") + "'" }
