@@ -1,7 +1,9 @@
 package agent_test
 
 import (
+	"fmt"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -179,3 +181,175 @@ func TestLogicalMakerRefusesATableWithoutKey(t *testing.T) {
 }
 
 var _ = pgtest.Source
+
+// logicalState is a table's logical_state and logical_detail as
+// refresh_status shows them.
+func (e *env) logicalState(table string) (string, string) {
+	e.t.Helper()
+	var state, detail *string
+	require.NoError(e.t, e.dst.QueryRow(e.ctx, `SELECT logical_state, logical_detail FROM mimeo.refresh_status WHERE dest_table = $1`, table).Scan(&state, &detail))
+	return fmt.Sprint(deref(state)), fmt.Sprint(deref(detail))
+}
+
+// waitState polls until the table's logical_state is want.
+func (e *env) waitState(table, want string) string {
+	e.t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		state, detail := e.logicalState(table)
+		if state == want {
+			return detail
+		}
+		if time.Now().After(deadline) {
+			e.t.Fatalf("%s is %s (%s), not %s", table, state, detail, want)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+func TestLogicalSlotDroppedBehindItsBackIsReportedNotReplaced(t *testing.T) {
+	t.Parallel()
+	e := setupLogical(t)
+	e.exec(e.app, `CREATE TABLE public.t (id int PRIMARY KEY, v text)`)
+	e.exec(e.app, `INSERT INTO public.t SELECT g, 'v' FROM generate_series(1, 100) g`)
+	stop := e.startAgent(e.config())
+	e.done(`SELECT mimeo.logical_maker('public.t', $1)`, e.dblink)
+	e.sync("public.t")
+	stop()
+	var slot string
+	require.NoError(t, e.dst.QueryRow(e.ctx, `SELECT slot_name FROM mimeo.logical_source`).Scan(&slot))
+	e.exec(e.src, `SELECT pg_drop_replication_slot($1)`, slot)
+	e.exec(e.app, `INSERT INTO public.t VALUES (101, 'lost to the slot')`)
+
+	e.startAgent(e.config())
+	detail := e.waitState("public.t", "needs_resync")
+	require.Contains(t, detail, "is missing on the source")
+	require.Contains(t, detail, "p_repull => true")
+	require.NotContains(t, e.slots(), "slot "+slot, "the slot is not silently re-created")
+	msg := e.failed(`SELECT mimeo.refresh_logical('public.t')`)
+	require.Contains(t, msg, "needs resync")
+
+	e.done(`SELECT mimeo.refresh_logical('public.t', p_repull => true)`)
+	e.exec(e.app, `UPDATE public.t SET v = 'after' WHERE id <= 10`)
+	e.sync("public.t")
+	e.requireSame("public.t", "public.t")
+	state, _ := e.logicalState("public.t")
+	require.Equal(t, "ready", state)
+}
+
+func TestLogicalFailingTableDoesNotStopItsSiblings(t *testing.T) {
+	t.Parallel()
+	e := setupLogical(t)
+	e.exec(e.app, `CREATE TABLE public.a (id int PRIMARY KEY, v text)`)
+	e.exec(e.app, `CREATE TABLE public.b (id int PRIMARY KEY, v text)`)
+	e.startAgent(e.config())
+	e.done(`SELECT mimeo.logical_maker('public.a', $1)`, e.dblink)
+	e.done(`SELECT mimeo.logical_maker('public.b', $1)`, e.dblink)
+	e.sync("public.b")
+	e.exec(e.dst, `ALTER TABLE public.b ADD CONSTRAINT no_bad CHECK (v <> 'bad')`)
+	e.exec(e.app, `BEGIN; INSERT INTO public.a VALUES (1, 'ok'); INSERT INTO public.b VALUES (1, 'bad'); COMMIT`)
+	e.exec(e.app, `INSERT INTO public.a VALUES (2, 'ok too')`)
+	e.sync("public.a")
+	e.requireSame("public.a", "public.a")
+	detail := e.waitState("public.b", "failed")
+	require.Contains(t, detail, "no_bad")
+	msg := e.failed(`SELECT mimeo.refresh_logical('public.b')`)
+	require.Contains(t, msg, "no_bad")
+	e.exec(e.app, `INSERT INTO public.a VALUES (3, 'still streaming')`)
+	e.sync("public.a")
+	e.requireSame("public.a", "public.a")
+
+	e.exec(e.dst, `ALTER TABLE public.b DROP CONSTRAINT no_bad`)
+	e.done(`SELECT mimeo.refresh_logical('public.b', p_repull => true)`)
+	e.exec(e.app, `INSERT INTO public.b VALUES (2, 'fine')`)
+	e.sync("public.b")
+	e.requireSame("public.b", "public.b")
+}
+
+func TestLogicalTransactionLargerThanTheMemoryBudget(t *testing.T) {
+	t.Parallel()
+	e := setupLogical(t)
+	e.exec(e.app, `CREATE TABLE public.t (id int PRIMARY KEY, v text)`)
+	cfg := e.config()
+	cfg.LogicalMemory = 64 << 10
+	var pieces atomic.Int64
+	cfg.LogicalFaults = func(point string) error {
+		if point == "applied a piece" {
+			pieces.Add(1)
+		}
+		return nil
+	}
+	e.startAgent(cfg)
+	e.done(`SELECT mimeo.logical_maker('public.t', $1)`, e.dblink)
+	e.exec(e.app, `BEGIN; INSERT INTO public.t SELECT g, md5(g::text) FROM generate_series(1, 30000) g;
+        UPDATE public.t SET v = 'u' WHERE id % 3 = 0; DELETE FROM public.t WHERE id % 7 = 0; COMMIT`)
+	e.sync("public.t")
+	e.requireSame("public.t", "public.t")
+	require.Greater(t, pieces.Load(), int64(10), "the transaction was applied in pieces")
+}
+
+func TestLogicalSourceColumnAdded(t *testing.T) {
+	t.Parallel()
+	e := setupLogical(t)
+	e.exec(e.app, `CREATE TABLE public.t (id int PRIMARY KEY, v text)`)
+	e.exec(e.app, `INSERT INTO public.t SELECT g, 'v' FROM generate_series(1, 10) g`)
+	e.startAgent(e.config())
+	e.done(`SELECT mimeo.logical_maker('public.t', $1)`, e.dblink)
+	e.exec(e.app, `ALTER TABLE public.t ADD COLUMN extra int`)
+	e.exec(e.app, `INSERT INTO public.t VALUES (11, 'new', 42)`)
+	e.exec(e.app, `UPDATE public.t SET extra = id WHERE id < 5`)
+	e.sync("public.t")
+	e.requireSame("public.t", "public.t")
+
+	// A column with a default gave existing rows values the stream lacks.
+	e.exec(e.app, `ALTER TABLE public.t ADD COLUMN flag boolean DEFAULT true`)
+	e.exec(e.app, `INSERT INTO public.t VALUES (12, 'x', 1, false)`)
+	detail := e.waitState("public.t", "failed")
+	require.Contains(t, detail, "flag")
+	require.Contains(t, detail, "p_repull => true")
+	e.done(`SELECT mimeo.refresh_logical('public.t', p_repull => true)`)
+	e.exec(e.app, `UPDATE public.t SET flag = NOT flag WHERE id = 1`)
+	e.sync("public.t")
+	e.requireSame("public.t", "public.t")
+}
+
+func TestLogicalIdleSlotAdvances(t *testing.T) {
+	t.Parallel()
+	e := setupLogical(t)
+	e.exec(e.app, `CREATE TABLE public.t (id int PRIMARY KEY)`)
+	e.exec(e.app, `CREATE TABLE public.other (id int, pad text)`)
+	e.startAgent(e.config())
+	e.done(`SELECT mimeo.logical_maker('public.t', $1)`, e.dblink)
+	e.sync("public.t")
+	var slot string
+	require.NoError(t, e.dst.QueryRow(e.ctx, `SELECT slot_name FROM mimeo.logical_source`).Scan(&slot))
+	// The rest of the source writes; the slot's table is idle.
+	e.exec(e.app, `INSERT INTO public.other SELECT g, repeat('x', 500) FROM generate_series(1, 20000) g`)
+	var target string
+	require.NoError(t, e.src.QueryRow(e.ctx, `SELECT pg_current_wal_lsn()::text`).Scan(&target))
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		var moved bool
+		require.NoError(t, e.src.QueryRow(e.ctx, `SELECT confirmed_flush_lsn >= $2::pg_lsn FROM pg_replication_slots WHERE slot_name = $1`, slot, target).Scan(&moved))
+		if moved {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the idle slot was not acknowledged past the other table's writes")
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	// The WAL the slot retains is measured and shown.
+	deadline = time.Now().Add(20 * time.Second)
+	for {
+		var kept *int64
+		require.NoError(t, e.dst.QueryRow(e.ctx, `SELECT retained_wal_bytes FROM mimeo.refresh_status WHERE dest_table = 'public.t'`).Scan(&kept))
+		if kept != nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("retained_wal_bytes is not measured")
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}

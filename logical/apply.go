@@ -128,6 +128,9 @@ func (a *applier) run(ctx context.Context, items <-chan any) error {
 			if err := a.flushBatches(ctx); err != nil {
 				return a.failed(ctx, err)
 			}
+			if err := a.s.fault("applied a piece"); err != nil {
+				return err
+			}
 			cur.changes, cur.size = cur.changes[:0], 0
 		case *pglogrepl.CommitMessage:
 			if cur == nil {
