@@ -2,8 +2,14 @@ package agent_test
 
 import (
 	"fmt"
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"path/filepath"
 	"strings"
+	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -72,7 +78,7 @@ func TestLogicalStreamsEveryChangeKind(t *testing.T) {
 		// The TOASTed values are not sent for these: they must stay.
 		`UPDATE ` + tbl + ` SET note = 'toast kept' WHERE big IS NOT NULL`,
 		`DELETE FROM ` + tbl + ` WHERE "order" = 7`,
-		`UPDATE ` + tbl + ` SET "order" = 1000 WHERE "order" = 8`, // key change
+		`UPDATE ` + tbl + ` SET "order" = 1000 WHERE "order" = 8`,  // key change
 		`UPDATE ` + tbl + ` SET "order" = 1001 WHERE "order" = 10`, // key change, TOAST unchanged
 		`INSERT INTO ` + tbl + ` VALUES (901, 1, 1, 'gone', NULL)`,
 		`DELETE FROM ` + tbl + ` WHERE "order" = 901`,
@@ -352,4 +358,144 @@ func TestLogicalIdleSlotAdvances(t *testing.T) {
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
+}
+
+var agentBin struct {
+	once sync.Once
+	path string
+	err  error
+}
+
+// agentProcess starts mimeo-agent run (built once per test binary) as a
+// process of its own, to be killed.
+func (e *env) agentProcess(logName string) *exec.Cmd {
+	e.t.Helper()
+	agentBin.once.Do(func() {
+		dir, err := os.MkdirTemp("", "mimeo-agent-bin")
+		if err != nil {
+			agentBin.err = err
+			return
+		}
+		agentBin.path = filepath.Join(dir, "mimeo-agent")
+		out, err := exec.Command("go", "build", "-o", agentBin.path, "github.com/mimeo-dev/mimeo/cmd/mimeo-agent").CombinedOutput()
+		if err != nil {
+			agentBin.err = fmt.Errorf("%w: %s", err, out)
+		}
+	})
+	require.NoError(e.t, agentBin.err)
+	cmd := exec.Command(agentBin.path, "run")
+	cmd.Env = append(os.Environ(), "MIMEO_DATABASE_URL="+e.config().DatabaseURL, "MIMEO_POLL_INTERVAL=200ms",
+		"MIMEO_HEARTBEAT_INTERVAL=200ms", "MIMEO_AGENT_TIMEOUT=3s", "MIMEO_LOG_LEVEL=debug")
+	logFile, err := os.OpenFile(filepath.Join(os.TempDir(), logName), os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
+	require.NoError(e.t, err)
+	cmd.Stdout, cmd.Stderr = logFile, logFile
+	require.NoError(e.t, cmd.Start())
+	e.t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait(); _ = logFile.Close() })
+	return cmd
+}
+
+// kill -9 of the agent at random moments of a continuous multi-table
+// workload loses and doubles nothing.
+func TestLogicalSurvivesKillNine(t *testing.T) {
+	t.Parallel()
+	e := setupLogical(t)
+	tables := []string{"public.k1", `public."K 2"`, "public.k3"}
+	for _, tbl := range tables {
+		e.exec(e.app, `CREATE TABLE `+tbl+` (id int PRIMARY KEY, n int NOT NULL, v text)`)
+		e.exec(e.app, `INSERT INTO `+tbl+` SELECT g, 0, 'v' FROM generate_series(1, 2000) g`)
+	}
+	e.exec(e.app, `ALTER TABLE public.k3 ALTER COLUMN v SET STORAGE EXTERNAL`)
+	cmd := e.agentProcess("mimeo-logical-kill.log")
+	for _, tbl := range tables {
+		o := e.await(e.request(`SELECT mimeo.logical_maker($1, $2, p_logdel => $3)`, tbl, e.dblink, tbl == "public.k1"))
+		require.Equal(t, "done", o.Status, "error: %v", deref(o.Error))
+	}
+
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	for w := range 3 {
+		wg.Go(func() {
+			rng := rand.New(rand.NewPCG(uint64(w), 7))
+			for i := 0; ; i++ {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				tbl := tables[rng.IntN(len(tables))]
+				id := rng.IntN(3000) + 1
+				var q string
+				switch rng.IntN(6) {
+				case 0:
+					q = `INSERT INTO ` + tbl + ` VALUES ($1, 0, repeat('t', 3000)) ON CONFLICT (id) DO NOTHING`
+				case 1:
+					q = `DELETE FROM ` + tbl + ` WHERE id = $1`
+				case 2:
+					q = `UPDATE ` + tbl + ` SET id = id + 5000 WHERE id = $1` // key change
+				case 3:
+					q = `UPDATE ` + tbl + ` SET n = n + 1, v = v || 'x' WHERE id BETWEEN $1 AND $1 + 20`
+				default:
+					q = `UPDATE ` + tbl + ` SET n = n + 1 WHERE id = $1` // TOAST unchanged
+				}
+				_, _ = e.app.Exec(e.ctx, q, id)
+			}
+		})
+	}
+	rng := rand.New(rand.NewPCG(1, 2))
+	for range 20 {
+		time.Sleep(time.Duration(300+rng.IntN(1200)) * time.Millisecond)
+		require.NoError(t, cmd.Process.Signal(syscall.SIGKILL))
+		_ = cmd.Wait()
+		cmd = e.agentProcess("mimeo-logical-kill.log")
+	}
+	close(stop)
+	wg.Wait()
+	for _, tbl := range tables {
+		o := e.await(e.request(`SELECT mimeo.refresh_logical($1)`, tbl))
+		require.Equal(t, "done", o.Status, "error: %v", deref(o.Error))
+	}
+	for _, tbl := range []string{`public."K 2"`, "public.k3"} {
+		e.requireSame(tbl, tbl)
+	}
+	require.Equal(t, checksum(t, e.ctx, e.src, "public.k1"),
+		checksum(t, e.ctx, e.dst, "(SELECT id, n, v FROM public.k1 WHERE mimeo_source_deleted IS NULL)"))
+}
+
+func TestLogicalLeastPrivilegeFollowsTheHints(t *testing.T) {
+	t.Parallel()
+	e := setup(t)
+	role := "mimeo_logical_min"
+	e.exec(e.src, `DO $$ BEGIN CREATE ROLE `+role+` LOGIN REPLICATION PASSWORD 'min pw'; EXCEPTION WHEN duplicate_object THEN NULL; END $$`)
+	e.exec(e.dst, `UPDATE mimeo.dblink_mapping SET username = $1, pwd = 'min pw' WHERE data_source_id = $2`, role, e.dblink)
+	e.exec(e.app, `CREATE TABLE public.orders (id int PRIMARY KEY, v text)`)
+	e.exec(e.app, `INSERT INTO public.orders SELECT g, 'v' FROM generate_series(1, 50) g`)
+	e.exec(e.app, `GRANT SELECT ON public.orders TO `+role)
+	e.startAgent(e.config())
+	msg := e.failed(`SELECT mimeo.logical_maker('public.orders', $1)`, e.dblink)
+	_, hint, ok := strings.Cut(msg, "as a superuser on the source run: ")
+	require.True(t, ok, msg)
+	hint = strings.TrimSuffix(hint, ")")
+	require.Contains(t, hint, "CREATE PUBLICATION")
+	e.exec(e.src, hint)
+	e.done(`SELECT mimeo.logical_maker('public.orders', $1)`, e.dblink)
+	e.exec(e.app, `UPDATE public.orders SET v = 'app' WHERE id < 10`)
+	e.sync("public.orders")
+	e.requireSame("public.orders", "public.orders")
+
+	// A second table: the publication exists, adding to it needs the owner.
+	e.exec(e.app, `CREATE TABLE public.items (id int PRIMARY KEY)`)
+	e.exec(e.app, `GRANT SELECT ON public.items TO `+role)
+	msg = e.failed(`SELECT mimeo.logical_maker('public.items', $1)`, e.dblink)
+	_, hint, ok = strings.Cut(msg, "as a superuser on the source run: ")
+	require.True(t, ok, msg)
+	hint, _, _ = strings.Cut(hint, "; then")
+	e.exec(e.src, hint)
+	e.done(`SELECT mimeo.logical_maker('public.items', $1)`, e.dblink)
+	e.exec(e.app, `INSERT INTO public.items VALUES (1)`)
+	e.sync("public.items")
+	e.requireSame("public.items", "public.items")
+
+	e.done(`SELECT mimeo.logical_destroyer('public.items')`)
+	e.done(`SELECT mimeo.logical_destroyer('public.orders')`)
+	require.Empty(t, e.slots())
 }
