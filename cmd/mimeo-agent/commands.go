@@ -114,10 +114,13 @@ func cmdRefresh(ctx context.Context, args []string, stdout, stderr io.Writer) er
 const sqlStatus = `
 SELECT dest_table, type, dblink, source_table,
        coalesce(to_char(last_run, 'YYYY-MM-DD HH24:MI:SS'), 'never'),
-       CASE WHEN last_error IS NOT NULL THEN 'failed: ' || last_error
+       CASE WHEN logical_state IN ('failed', 'needs_resync', 'error') THEN logical_state || ': ' || coalesce(logical_detail, '')
+            WHEN logical_state IN ('copying', 'copied') THEN logical_state
+            WHEN logical_state = 'ready' THEN 'streaming'
+            WHEN last_error IS NOT NULL THEN 'failed: ' || last_error
             WHEN last_success IS NOT NULL THEN 'ok'
             ELSE '-' END,
-       coalesce(pending, ''), coalesce(last_value, '')
+       coalesce(pending, ''), coalesce(last_value, 'lsn ' || applied_lsn::text, '')
 FROM mimeo.refresh_status ORDER BY dest_table`
 
 func cmdStatus(ctx context.Context, args []string, stdout, stderr io.Writer) error {
