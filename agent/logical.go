@@ -262,6 +262,7 @@ VALUES ($1, 'logical', $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 'copying', $12)
 		return fail(err)
 	}
 	err = a.copyLogical(ctx, r, args.Dblink, src, st, names, keys, args.Logdel, args.pull(), args.indexes(), true)
+	a.logical.Wake()
 	if err != nil {
 		if derr := a.dropLeftover(context.WithoutCancel(ctx), r, "maker request"); derr != nil {
 			r.log.Warn("cannot remove the table of a failed maker", "error", derr)
@@ -337,9 +338,13 @@ func (a *Agent) copyLogical(ctx context.Context, r *run, dblink int, src *pgxpoo
 		if err != nil {
 			return err
 		}
+		parts, err := logical.Partitions(ctx, in, st.Name)
+		if err != nil {
+			return err
+		}
 		if _, err := tx.Exec(ctx, `UPDATE ONLY mimeo.refresh_config_logical SET state = 'copied', state_detail = NULL,
-    start_lsn = $2::text::pg_lsn, last_run = $3, columns = $4, column_types = $5 WHERE dest_table = $1`,
-			r.req.DestTable, snap.Point.String(), r.started, cols, types); err != nil {
+    start_lsn = $2::text::pg_lsn, last_run = $3, columns = $4, column_types = $5, partitions = $6 WHERE dest_table = $1`,
+			r.req.DestTable, snap.Point.String(), r.started, cols, types, parts); err != nil {
 			return fmt.Errorf("record copy: %w", err)
 		}
 		return r.complete(ctx, tx, rows, fmt.Sprintf("copied %d rows at %s; the stream of %s applies changes from there", rows, snap.Point, names.Slot))

@@ -499,3 +499,57 @@ func TestLogicalLeastPrivilegeFollowsTheHints(t *testing.T) {
 	e.done(`SELECT mimeo.logical_destroyer('public.orders')`)
 	require.Empty(t, e.slots())
 }
+
+func TestLogicalPartitionedSourceAndConditions(t *testing.T) {
+	t.Parallel()
+	e := setupLogical(t)
+	e.exec(e.app, `CREATE TABLE public.ev (id int, region text, v text, PRIMARY KEY (id, region)) PARTITION BY LIST (region)`)
+	e.exec(e.app, `CREATE TABLE public.ev_eu PARTITION OF public.ev FOR VALUES IN ('eu')`)
+	e.exec(e.app, `CREATE TABLE public.ev_us PARTITION OF public.ev FOR VALUES IN ('us')`)
+	e.exec(e.app, `INSERT INTO public.ev SELECT g, CASE WHEN g % 2 = 0 THEN 'eu' ELSE 'us' END, 'v' || g FROM generate_series(1, 200) g`)
+	e.startAgent(e.config())
+	e.done(`SELECT mimeo.logical_maker('public.ev', $1)`, e.dblink)
+	// A second copy of the same table, with a condition and a filter.
+	e.done(`SELECT mimeo.logical_maker('public.ev', $1, p_dest_table => 'public.ev_small', p_condition => 'id <= 100', p_filter => '{id,region}')`, e.dblink)
+	e.exec(e.app, `UPDATE public.ev SET region = 'us' WHERE id BETWEEN 10 AND 20 AND region = 'eu'`) // moves between partitions
+	e.exec(e.app, `UPDATE public.ev SET id = id + 1000 WHERE id BETWEEN 90 AND 95`) // out of the condition
+	e.exec(e.app, `UPDATE public.ev SET id = id - 1200 WHERE id BETWEEN 150 AND 155`) // into it
+	e.exec(e.app, `DELETE FROM public.ev_us WHERE id > 190`)                                          // on a partition directly
+	e.sync("public.ev")
+	e.sync("public.ev_small")
+	e.requireSame("public.ev", "public.ev")
+	e.requireSame("(SELECT id, region FROM public.ev WHERE id <= 100)", "public.ev_small")
+
+	// Attaching a partition moves rows in without changes: the table fails
+	// (it does not silently lack them), and a repull repairs it.
+	e.exec(e.app, `CREATE TABLE public.ev_asia (id int NOT NULL, region text NOT NULL, v text)`)
+	e.exec(e.app, `INSERT INTO public.ev_asia VALUES (1000, 'asia', 'a')`)
+	e.exec(e.app, `ALTER TABLE public.ev ATTACH PARTITION public.ev_asia FOR VALUES IN ('asia')`)
+	detail := e.waitState("public.ev", "failed")
+	require.Contains(t, detail, "ev_asia")
+	e.done(`SELECT mimeo.refresh_logical('public.ev', p_repull => true)`)
+	e.exec(e.app, `INSERT INTO public.ev VALUES (1001, 'asia', 'b')`)
+	e.sync("public.ev")
+	e.requireSame("public.ev", "public.ev")
+}
+
+func TestLogicalBadInput(t *testing.T) {
+	t.Parallel()
+	e := setupLogical(t)
+	e.exec(e.app, `CREATE TABLE public."Weird Name; DROP TABLE x" (id int PRIMARY KEY, "Value" text)`)
+	e.exec(e.app, `CREATE TABLE public.keyed (id int PRIMARY KEY, code text NOT NULL UNIQUE)`)
+	e.startAgent(e.config())
+	_, err := e.dst.Exec(e.ctx, `SELECT mimeo.logical_maker('public.t', 999)`)
+	require.ErrorContains(t, err, "999")
+	_, err = e.dst.Exec(e.ctx, `SELECT mimeo.refresh_logical('public.nothing')`)
+	require.ErrorContains(t, err, "not a replicated table")
+	require.Contains(t, e.failed(`SELECT mimeo.logical_maker('public.missing', $1)`, e.dblink), "missing")
+	require.Contains(t, e.failed(`SELECT mimeo.logical_maker('public.keyed', $1, p_pk_field => '{code}', p_pk_type => '{text}')`, e.dblink),
+		"must be the replica identity")
+	require.Contains(t, e.failed(`SELECT mimeo.logical_maker('public.keyed', $1, p_filter => '{code}')`, e.dblink), "key")
+	tbl := `public."Weird Name; DROP TABLE x"`
+	e.done(`SELECT mimeo.logical_maker($1, $2)`, tbl, e.dblink)
+	e.exec(e.app, `INSERT INTO `+tbl+` VALUES (1, 'it''s')`)
+	e.sync(tbl)
+	e.requireSame(tbl, tbl)
+}

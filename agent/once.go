@@ -44,6 +44,13 @@ func (a *Agent) RefreshOnce(ctx context.Context, destTable string, debug bool) (
 	defer stopHeartbeat()
 	go a.heartbeat(hbCtx)
 
+	if typ == "logical" {
+		// Nothing streams without a daemon: stream for the sync point
+		// (the stream lock keeps this apart from a running daemon's).
+		lctx, stopLogical := context.WithCancel(ctx)
+		defer stopLogical()
+		go a.logical.Run(lctx)
+	}
 	req, err := queue.InsertRunning(ctx, a.pool, a.agentID(), "refresh_"+typ, canonical, map[string]any{"debug": debug})
 	if err != nil {
 		return queue.Outcome{}, err

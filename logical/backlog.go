@@ -287,10 +287,60 @@ func (a *applier) measure(ctx context.Context) {
 		a.s.dblink, slot.RetainedBytes); err != nil {
 		a.s.log.Warn("cannot record the slot's retained WAL", "error", err)
 	}
+	a.checkPartitions(ctx)
 	over := slot.RetainedBytes > a.s.e.cfg.WALWarnBytes
 	if over && !a.warned {
 		a.s.log.Warn("the slot retains more WAL than MIMEO_LOGICAL_WAL_WARNING on the source", "slot", a.s.names.Slot,
 			"retained_bytes", slot.RetainedBytes, "warning_bytes", a.s.e.cfg.WALWarnBytes, "wal_status", slot.WALStatus)
 	}
 	a.warned = over
+}
+
+// checkPartitions fails a table whose source's partitions changed since its
+// copy: ATTACH and DETACH move rows without changes the stream sees.
+func (a *applier) checkPartitions(ctx context.Context) {
+	rows, err := a.s.dst.Query(ctx, `SELECT dest_table, source_table, partitions FROM ONLY mimeo.refresh_config_logical
+WHERE dblink = $1 AND partitions IS NOT NULL AND state IN ('ready', 'copied')`, a.s.dblink)
+	if err != nil {
+		return
+	}
+	type tbl struct {
+		dest, src string
+		parts    []string
+	}
+	tables, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (tbl, error) {
+		var t tbl
+		err := r.Scan(&t.dest, &t.src, &t.parts)
+		return t, err
+	})
+	if err != nil {
+		return
+	}
+	for _, t := range tables {
+		name, err := ident.Parse(t.src)
+		if err != nil {
+			continue
+		}
+		now, err := Partitions(ctx, a.s.src, name)
+		if err != nil || slices.Equal(now, t.parts) {
+			continue
+		}
+		var gained, lost []string
+		for _, p := range now {
+			if !slices.Contains(t.parts, p) {
+				gained = append(gained, p)
+			}
+		}
+		for _, p := range t.parts {
+			if !slices.Contains(now, p) {
+				lost = append(lost, p)
+			}
+		}
+		why := fmt.Sprintf("the partitions of %s changed on the source (attached: %v, detached: %v); ATTACH and DETACH move rows without changes the stream sees", t.src, gained, lost)
+		a.s.log.Error("logical table failed; it gets no changes until a repull", "dest_table", t.dest, "error", why)
+		if _, err := a.s.dst.Exec(ctx, `UPDATE ONLY mimeo.refresh_config_logical SET state = 'failed', state_detail = $2 WHERE dest_table = $1 AND state IN ('ready', 'copied')`,
+			t.dest, why+repullHint(t.dest)); err != nil {
+			a.s.log.Warn("cannot mark the table failed", "error", err)
+		}
+	}
 }

@@ -53,6 +53,7 @@ type Engine struct {
 
 	mu      sync.Mutex
 	running map[int]bool
+	wake    chan struct{}
 }
 
 // New returns an engine for the destination pool dst. metrics may be nil.
@@ -69,7 +70,15 @@ func New(cfg Config, dst *pgxpool.Pool, sources Sources, log hclog.Logger, metri
 	if metrics == nil {
 		metrics = NewMetrics(nil)
 	}
-	return &Engine{cfg: cfg, dst: dst, sources: sources, log: log, metrics: metrics, running: map[int]bool{}}
+	return &Engine{cfg: cfg, dst: dst, sources: sources, log: log, metrics: metrics, running: map[int]bool{}, wake: make(chan struct{}, 1)}
+}
+
+// Wake makes Run look for sources to stream now (a maker just made one).
+func (e *Engine) Wake() {
+	select {
+	case e.wake <- struct{}{}:
+	default:
+	}
 }
 
 // Run starts and supervises the streams until ctx ends, then waits for
@@ -101,6 +110,7 @@ func (e *Engine) Run(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case <-tick.C:
+		case <-e.wake:
 		}
 	}
 }

@@ -84,6 +84,9 @@ func EnsurePublication(ctx context.Context, tx pgx.Tx, pub string, table ident.N
 			return fmt.Errorf("create publication %s: %w", pub, err)
 		}
 	}
+	if err := ensureViaRoot(ctx, tx, pub, table); err != nil {
+		return err
+	}
 	if member {
 		return nil
 	}
@@ -102,6 +105,47 @@ func EnsurePublication(ctx context.Context, tx pgx.Tx, pub string, table ident.N
 		return fmt.Errorf("add %s to publication %s: %w", table, pub, err)
 	}
 	return nil
+}
+
+// ensureViaRoot makes a publication that carries a partitioned table
+// publish its partitions' changes as the table's own: otherwise they would
+// arrive under the partitions' names, which no config matches.
+func ensureViaRoot(ctx context.Context, tx pgx.Tx, pub string, table ident.Name) error {
+	var partitioned, viaRoot bool
+	err := tx.QueryRow(ctx, `SELECT c.relkind = 'p', coalesce((SELECT pubviaroot FROM pg_catalog.pg_publication WHERE pubname = $2), true)
+FROM pg_catalog.pg_class c WHERE c.oid = $1::regclass`, table.Sanitize(), pub).Scan(&partitioned, &viaRoot)
+	if err != nil || !partitioned || viaRoot {
+		return err
+	}
+	q := "ALTER PUBLICATION " + ident.Quote(pub) + " SET (publish_via_partition_root = true)"
+	if _, err := tx.Exec(ctx, "SAVEPOINT mimeo_root"); err != nil {
+		return err
+	}
+	if _, err := tx.Exec(ctx, q); err != nil {
+		if _, rerr := tx.Exec(ctx, "ROLLBACK TO SAVEPOINT mimeo_root"); rerr != nil {
+			return rerr
+		}
+		return &HintError{Err: fmt.Errorf("publication %s must publish partitions as their partitioned table: %w", pub, err),
+			Hint: "as a superuser on the source run: " + q + ";"}
+	}
+	return nil
+}
+
+// Partitions lists the members of a partitioned table's tree (nil for a
+// table that is not partitioned).
+func Partitions(ctx context.Context, src DB, table ident.Name) ([]string, error) {
+	rows, err := src.Query(ctx, `SELECT format('%I.%I', n.nspname, c.relname)
+FROM pg_catalog.pg_partition_tree($1::regclass) t
+JOIN pg_catalog.pg_class c ON c.oid = t.relid JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+WHERE t.relid <> $1::regclass ORDER BY 1`, table.Sanitize())
+	if err != nil {
+		return nil, fmt.Errorf("read partitions of %s: %w", table, err)
+	}
+	parts, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	if len(parts) == 0 {
+		return nil, err
+	}
+	return parts, err
 }
 
 // DropFromPublication takes table out of the publication, if it is in it.

@@ -47,6 +47,8 @@ COMMENT ON COLUMN mimeo.logical_source.status IS
 -- changes applied until refresh_logical(p_repull => true); see
 -- state_detail). start_lsn: the copy's consistent point; only source
 -- transactions committed at or after it are applied to the copy.
+-- partitions: a partitioned source's partitions at the copy (ATTACH and
+-- DETACH move rows without changes the stream could see).
 CREATE TABLE mimeo.refresh_config_logical (
     pk_field text[] NOT NULL,
     pk_type text[] NOT NULL,
@@ -57,6 +59,7 @@ CREATE TABLE mimeo.refresh_config_logical (
         CHECK (state IN ('copying', 'copied', 'ready', 'failed', 'needs_resync')),
     state_detail text,
     start_lsn pg_lsn,
+    partitions text[],
     CONSTRAINT refresh_config_logical_pkey PRIMARY KEY (dest_table),
     CONSTRAINT refresh_config_logical_dblink_fkey FOREIGN KEY (dblink)
         REFERENCES mimeo.dblink_mapping (data_source_id),
