@@ -512,9 +512,9 @@ func TestLogicalPartitionedSourceAndConditions(t *testing.T) {
 	// A second copy of the same table, with a condition and a filter.
 	e.done(`SELECT mimeo.logical_maker('public.ev', $1, p_dest_table => 'public.ev_small', p_condition => 'id <= 100', p_filter => '{id,region}')`, e.dblink)
 	e.exec(e.app, `UPDATE public.ev SET region = 'us' WHERE id BETWEEN 10 AND 20 AND region = 'eu'`) // moves between partitions
-	e.exec(e.app, `UPDATE public.ev SET id = id + 1000 WHERE id BETWEEN 90 AND 95`) // out of the condition
-	e.exec(e.app, `UPDATE public.ev SET id = id - 1200 WHERE id BETWEEN 150 AND 155`) // into it
-	e.exec(e.app, `DELETE FROM public.ev_us WHERE id > 190`)                                          // on a partition directly
+	e.exec(e.app, `UPDATE public.ev SET id = id + 1000 WHERE id BETWEEN 90 AND 95`)                  // out of the condition
+	e.exec(e.app, `UPDATE public.ev SET id = id - 1200 WHERE id BETWEEN 150 AND 155`)                // into it
+	e.exec(e.app, `DELETE FROM public.ev_us WHERE id > 190`)                                         // on a partition directly
 	e.sync("public.ev")
 	e.sync("public.ev_small")
 	e.requireSame("public.ev", "public.ev")
@@ -552,4 +552,20 @@ func TestLogicalBadInput(t *testing.T) {
 	e.exec(e.app, `INSERT INTO `+tbl+` VALUES (1, 'it''s')`)
 	e.sync(tbl)
 	e.requireSame(tbl, tbl)
+}
+
+// A row that an UPDATE leaving a TOASTed value unchanged brings into the
+// condition is copied whole.
+func TestLogicalConditionWithUnchangedToast(t *testing.T) {
+	t.Parallel()
+	e := setupLogical(t)
+	e.exec(e.app, `CREATE TABLE public.doc (id int PRIMARY KEY, status text, body text)`)
+	e.exec(e.app, `ALTER TABLE public.doc ALTER COLUMN body SET STORAGE EXTERNAL`)
+	e.exec(e.app, `INSERT INTO public.doc SELECT g, 'draft', repeat(md5(g::text), 100) FROM generate_series(1, 20) g`)
+	e.startAgent(e.config())
+	e.done(`SELECT mimeo.logical_maker('public.doc', $1, p_condition => 'status = ''published''')`, e.dblink)
+	e.exec(e.app, `UPDATE public.doc SET status = 'published' WHERE id <= 5`) // body unchanged: not sent
+	e.exec(e.app, `UPDATE public.doc SET status = 'draft' WHERE id = 1`)      // and out again
+	e.sync("public.doc")
+	e.requireSame(`(SELECT * FROM public.doc WHERE status = 'published')`, "public.doc")
 }

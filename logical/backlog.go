@@ -306,7 +306,7 @@ WHERE dblink = $1 AND partitions IS NOT NULL AND state IN ('ready', 'copied')`, 
 	}
 	type tbl struct {
 		dest, src string
-		parts    []string
+		parts     []string
 	}
 	tables, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (tbl, error) {
 		var t tbl

@@ -88,6 +88,7 @@ type plan struct {
 	cols     []planCol // destination columns fed from the relation
 	keys     []planCol
 	relTypes []string // every relation column's type, for the condition
+	src      DB       // the source, for rows an update brings into the condition
 }
 
 // tableError is an apply failure that belongs to one table: that table is
@@ -189,7 +190,7 @@ WHERE a.attrelid = to_regclass($1) AND a.attname = ANY($2) AND (a.attnotnull OR 
 		}
 		cfg.columns, cfg.types = names, slices.Clone(relTypes)
 	}
-	p := &plan{cfg: cfg, rel: rel, relTypes: relTypes}
+	p := &plan{cfg: cfg, rel: rel, relTypes: relTypes, src: src}
 	for _, c := range destCols {
 		if cfg.logdel && c.name == DeletedColumn {
 			continue

@@ -166,7 +166,16 @@ func (p *plan) truncate(ctx context.Context, tx pgx.Tx, at string) error {
 // insertFull inserts the segment's full rows; with a condition only those
 // it admits (it is evaluated over every source column).
 func (p *plan) insertFull(ctx context.Context, tx pgx.Tx, s *segment) (int64, error) {
+	return p.insertRows(ctx, tx, s, true)
+}
+
+// insertRows inserts the segment's full rows, through the condition when
+// withCondition.
+func (p *plan) insertRows(ctx context.Context, tx pgx.Tx, s *segment, withCondition bool) (int64, error) {
 	cond := p.cfg.condition
+	if !withCondition {
+		cond = ""
+	}
 	var srcCols []int // relation columns staged
 	if cond != "" {
 		for i := range p.rel.columns {
@@ -299,12 +308,59 @@ func (p *plan) updateRows(ctx context.Context, tx pgx.Tx, ops []*rowOp, from [][
 		sets = append(sets, ident.Quote(c.name)+" = u.c"+strconv.Itoa(len(p.keys)+i)+"::"+c.typ)
 	}
 	d := p.cfg.dest.Sanitize()
-	tag, err := tx.Exec(ctx, "UPDATE "+d+" d SET "+strings.Join(sets, ", ")+" FROM "+a.unnest(0)+" WHERE "+p.keyMatch(0)+live, a.params()...)
+	var keyOut []string
+	for _, k := range p.keys {
+		keyOut = append(keyOut, "d."+ident.Quote(k.name)+"::text")
+	}
+	update := "UPDATE " + d + " d SET " + strings.Join(sets, ", ") + " FROM " + a.unnest(0) + " WHERE " + p.keyMatch(0) + live
+	if p.cfg.condition == "" {
+		tag, err := tx.Exec(ctx, update, a.params()...)
+		if err != nil {
+			return 0, fmt.Errorf("update changed rows: %w", err)
+		}
+		if tag.RowsAffected() < int64(len(ops)) {
+			return 0, fmt.Errorf("the source updated %d rows the destination does not have: the copy is out of step with the source", int64(len(ops))-tag.RowsAffected())
+		}
+		return tag.RowsAffected(), nil
+	}
+	rows, err := tx.Query(ctx, update+" RETURNING "+strings.Join(keyOut, ", "), a.params()...)
 	if err != nil {
 		return 0, fmt.Errorf("update changed rows: %w", err)
 	}
-	if p.cfg.condition == "" && tag.RowsAffected() < int64(len(ops)) {
-		return 0, fmt.Errorf("the source updated %d rows the destination does not have: the copy is out of step with the source", int64(len(ops))-tag.RowsAffected())
+	found := map[string]bool{}
+	for rows.Next() {
+		vals := make([]*string, len(p.keys))
+		ptrs := make([]any, len(vals))
+		for i := range vals {
+			ptrs[i] = &vals[i]
+		}
+		if err := rows.Scan(ptrs...); err != nil {
+			rows.Close()
+			return 0, err
+		}
+		found[joinKey(vals)] = true
+	}
+	rows.Close()
+	if err := rows.Err(); err != nil {
+		return 0, fmt.Errorf("update changed rows: %w", err)
+	}
+	var missing [][]*string
+	for n, op := range ops {
+		key := op.key
+		if from != nil {
+			key = from[n]
+		}
+		if !found[joinKey(key)] {
+			missing = append(missing, op.key)
+		}
+	}
+	if len(missing) > 0 {
+		// Rows the update brings into the condition, whose unchanged
+		// values only the source has: read them there (as they are now;
+		// later changes in the stream apply on top).
+		if err := p.fetchRows(ctx, tx, missing); err != nil {
+			return 0, err
+		}
 	}
 	if p.cfg.condition != "" {
 		// A row the update takes out of the condition leaves the copy.
@@ -314,7 +370,77 @@ func (p *plan) updateRows(ctx context.Context, tx pgx.Tx, ops []*rowOp, from [][
 			return 0, fmt.Errorf("apply condition to updated rows: %w", err)
 		}
 	}
-	return tag.RowsAffected(), nil
+	return int64(len(found)), nil
+}
+
+// joinKey is a map key for key values.
+func joinKey(vals []*string) string {
+	var sb strings.Builder
+	for _, v := range vals {
+		if v == nil {
+			sb.WriteString("\x01")
+		} else {
+			sb.WriteString(*v)
+		}
+		sb.WriteByte(0)
+	}
+	return sb.String()
+}
+
+// fetchRows copies the rows of keys that the condition admits from the
+// source into the destination.
+func (p *plan) fetchRows(ctx context.Context, tx pgx.Tx, keys [][]*string) error {
+	if p.src == nil {
+		return fmt.Errorf("%d updated rows are missing from the destination", len(keys))
+	}
+	ka := p.keyArrays(keys)
+	var cols, match []string
+	for _, c := range p.cols {
+		cols = append(cols, "s."+ident.Quote(c.name)+"::text")
+	}
+	for i, k := range p.keys {
+		match = append(match, "s."+ident.Quote(k.name)+" = u.c"+strconv.Itoa(i)+"::"+p.relTypes[k.src])
+	}
+	rows, err := p.src.Query(ctx, "SELECT "+strings.Join(cols, ", ")+" FROM "+p.cfg.source.Sanitize()+" s, "+ka.unnest(0)+
+		" WHERE "+strings.Join(match, " AND ")+" AND ("+p.cfg.condition+")", ka.params()...)
+	if err != nil {
+		return fmt.Errorf("read rows that entered the condition from the source: %w", err)
+	}
+	seg := &segment{ops: map[string]*rowOp{}}
+	for rows.Next() {
+		vals := make([]*string, len(p.cols))
+		ptrs := make([]any, len(vals))
+		for i := range vals {
+			ptrs[i] = &vals[i]
+		}
+		if err := rows.Scan(ptrs...); err != nil {
+			rows.Close()
+			return err
+		}
+		tuple := make([]*string, len(p.rel.columns))
+		for i, c := range p.cols {
+			tuple[c.src] = vals[i]
+		}
+		key, k := p.keyOf(tuple)
+		seg.put(k, &rowOp{kind: rowFull, key: key, tuple: tuple})
+	}
+	rows.Close()
+	if err := rows.Err(); err != nil {
+		return fmt.Errorf("read rows that entered the condition from the source: %w", err)
+	}
+	if len(seg.order) == 0 {
+		return nil
+	}
+	var fetched [][]*string
+	for _, k := range seg.order {
+		fetched = append(fetched, seg.ops[k].key)
+	}
+	fa := p.keyArrays(fetched)
+	if _, err := tx.Exec(ctx, "DELETE FROM "+p.cfg.dest.Sanitize()+" d USING "+fa.unnest(0)+" WHERE "+p.keyMatch(0), fa.params()...); err != nil {
+		return fmt.Errorf("replace rows that entered the condition: %w", err)
+	}
+	_, err = p.insertRows(ctx, tx, seg, false)
+	return err
 }
 
 func opKeys(ops []*rowOp) [][]*string {
