@@ -115,15 +115,34 @@ func (e *Engine) Run(ctx context.Context) {
 	}
 }
 
-// wanted lists the sources with logical tables whose slot can stream.
+// wanted lists the sources with logical tables whose slot can stream, and
+// keeps the needs-resync metric of every source true (also in an agent
+// that never streamed it).
 func (e *Engine) wanted(ctx context.Context) ([]int, error) {
-	rows, err := e.dst.Query(ctx, `SELECT DISTINCT c.dblink FROM ONLY mimeo.refresh_config_logical c
-JOIN mimeo.logical_source s ON s.dblink = c.dblink
-WHERE s.applied_lsn IS NOT NULL AND s.status <> 'needs_resync' ORDER BY 1`)
+	rows, err := e.dst.Query(ctx, `SELECT s.dblink, s.status = 'needs_resync',
+       s.applied_lsn IS NOT NULL AND EXISTS (SELECT 1 FROM ONLY mimeo.refresh_config_logical c WHERE c.dblink = s.dblink)
+FROM mimeo.logical_source s ORDER BY 1`)
 	if err != nil {
 		return nil, err
 	}
-	return pgx.CollectRows(rows, pgx.RowTo[int])
+	var ids []int
+	for rows.Next() {
+		var id int
+		var resync, tables bool
+		if err := rows.Scan(&id, &resync, &tables); err != nil {
+			rows.Close()
+			return nil, err
+		}
+		gauge := 0.0
+		if resync {
+			gauge = 1
+		}
+		e.metrics.resync.WithLabelValues(label(id)).Set(gauge)
+		if tables && !resync {
+			ids = append(ids, id)
+		}
+	}
+	return ids, rows.Err()
 }
 
 // runSource streams one source until ctx ends or it has no tables left,
