@@ -434,6 +434,14 @@ func (a *applier) acknowledge(lsn pglogrepl.LSN) {
 // at once while a sync point waits.
 func (a *applier) advance(ctx context.Context, lsn pglogrepl.LSN) error {
 	if lsn <= a.applied {
+		// Caught up: say so now and then, so the lag shown stays true.
+		if time.Since(a.storedAt) < 5*time.Second {
+			return nil
+		}
+		if _, err := a.s.dst.Exec(ctx, `UPDATE mimeo.logical_source SET applied_at = now() WHERE dblink = $1`, a.s.dblink); err != nil {
+			return fmt.Errorf("record applied position: %w", err)
+		}
+		a.storedAt = time.Now()
 		return nil
 	}
 	if time.Since(a.storedAt) < time.Second && a.syncWant <= a.applied {

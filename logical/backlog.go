@@ -257,6 +257,9 @@ FROM mimeo.logical_source s WHERE s.dblink = $1`, a.s.dblink).Scan(&sync, &table
 	if tables == 0 {
 		return errNoTables
 	}
+	if time.Since(a.storedAt) >= 5*time.Second {
+		a.s.replyQ.Store(true) // a keepalive tells whether the stream is current
+	}
 	if sync != nil {
 		if v, err := pglogrepl.ParseLSN(*sync); err == nil && v > a.applied {
 			a.syncWant = v

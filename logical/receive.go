@@ -86,9 +86,10 @@ func (s *stream) receive(ctx context.Context, out chan<- any) error {
 			if err != nil {
 				return fmt.Errorf("parse keepalive: %w", err)
 			}
-			// Passed on whenever it is ahead of what the destination has
-			// (the applier may have let an earlier one go unstored).
-			if !inTxn && k.ServerWALEnd > pglogrepl.LSN(s.acked.Load()) {
+			// Passed on unless behind what the destination has (the
+			// applier may have let an earlier one go unstored; one at the
+			// same place still says the stream is current).
+			if !inTxn && k.ServerWALEnd >= pglogrepl.LSN(s.acked.Load()) {
 				received = max(received, k.ServerWALEnd)
 				if err := send(marker{lsn: k.ServerWALEnd}); err != nil {
 					return err
