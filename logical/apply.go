@@ -107,11 +107,12 @@ func (a *applier) run(ctx context.Context, items <-chan any) error {
 				return err
 			}
 			cur.size += n
-			if cur.size < a.s.e.cfg.MemoryBudget {
+			if cur.size < a.pieceSize() {
 				continue
 			}
-			// Too large to hold: apply what is held in pieces, inside one
-			// destination transaction that commits with the source's.
+			// Large: apply it in pieces as it arrives, inside one
+			// destination transaction that commits with the source's (the
+			// receiver reads on meanwhile, and memory stays bounded).
 			if !large {
 				if err := flushGroup(); err != nil {
 					return err
@@ -150,6 +151,7 @@ func (a *applier) run(ctx context.Context, items <-chan any) error {
 				if err := a.commit(ctx, []*txn{done}); err != nil {
 					return a.failed(ctx, err)
 				}
+				a.s.log.Debug("applied a large source transaction", "commit_lsn", done.commitLSN.String(), "changes", a.changes)
 				continue
 			}
 			group = append(group, done)
@@ -172,6 +174,10 @@ func (a *applier) run(ctx context.Context, items <-chan any) error {
 		}
 	}
 }
+
+// pieceSize is the bytes of one transaction held before it is applied in
+// pieces: a quarter of the budget, so receiving overlaps applying.
+func (a *applier) pieceSize() int { return max(a.s.e.cfg.MemoryBudget/4, 16<<10) }
 
 // relationOf converts a Relation message.
 func relationOf(m *pglogrepl.RelationMessage) *relation {
@@ -257,6 +263,10 @@ func (a *applier) rollback(ctx context.Context) {
 
 // applyGroup applies whole transactions in one destination transaction.
 func (a *applier) applyGroup(ctx context.Context, group []*txn) error {
+	start := time.Now()
+	defer func() {
+		a.s.log.Trace("applied source transactions", "transactions", len(group), "changes", a.changes, "duration", time.Since(start).String())
+	}()
 	if err := a.begin(ctx); err != nil {
 		return err
 	}

@@ -3,6 +3,7 @@ package logical
 import (
 	"context"
 	"fmt"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -85,13 +86,13 @@ func (b *tableBatch) applySegment(ctx context.Context, tx pgx.Tx, s *segment) (i
 	if s.move != nil {
 		return p.applyMove(ctx, tx, s.moveFrom, s.move)
 	}
-	// Deletes: every key replaced by a full row loses all it has; a
-	// removed key loses its live row.
+	// Deletes: a removed key loses its row (logdel: its live row); a full
+	// row replaces what its key has in the merge below.
 	var all, liveOnly [][]*string
 	for _, k := range s.order {
 		op := s.ops[k]
 		switch {
-		case op.kind == rowFull, op.kind == rowRemove && !p.cfg.logdel:
+		case op.kind == rowRemove && !p.cfg.logdel:
 			all = append(all, op.key)
 		case op.kind == rowRemove:
 			liveOnly = append(liveOnly, op.key)
@@ -166,12 +167,55 @@ func (p *plan) truncate(ctx context.Context, tx pgx.Tx, at string) error {
 // insertFull inserts the segment's full rows; with a condition only those
 // it admits (it is evaluated over every source column).
 func (p *plan) insertFull(ctx context.Context, tx pgx.Tx, s *segment) (int64, error) {
-	return p.insertRows(ctx, tx, s, true)
+	return p.insertRows(ctx, tx, s, true, true)
+}
+
+// inCondition names the staged rows' condition result.
+const inCondition = "mimeo in condition?"
+
+// mergeSQL upserts the staged full rows: a key the destination has is
+// updated in place (HOT where no indexed column changed, far cheaper than
+// a delete and an insert), one it lacks is inserted; with a condition, a
+// row outside it is deleted or left out.
+func (p *plan) mergeSQL(picks []string, unnest, cond string) string {
+	stage := "(SELECT " + strings.Join(picks, ", ") + " FROM " + unnest + ") s"
+	matched, inserted := "", ""
+	if cond != "" {
+		stage = "(SELECT s0.*, (" + cond + ") AS " + ident.Quote(inCondition) + " FROM " + strings.TrimSuffix(stage, " s") + " s0) s"
+		matched = " AND s." + ident.Quote(inCondition) + " IS TRUE"
+		inserted = matched
+	}
+	var on, sets, cols, vals []string
+	for _, k := range p.keys {
+		on = append(on, "t."+ident.Quote(k.name)+" = s."+ident.Quote(k.name))
+	}
+	for _, c := range p.cols {
+		q := ident.Quote(c.name)
+		cols = append(cols, q)
+		vals = append(vals, "s."+q)
+		if !slices.ContainsFunc(p.keys, func(k planCol) bool { return k.name == c.name }) {
+			sets = append(sets, q+" = s."+q)
+		}
+	}
+	if p.cfg.logdel {
+		q := ident.Quote(DeletedColumn)
+		cols, vals, sets = append(cols, q), append(vals, "s."+q), append(sets, q+" = s."+q)
+	}
+	update := "UPDATE SET " + strings.Join(sets, ", ")
+	if len(sets) == 0 {
+		update = "DO NOTHING"
+	}
+	q := "MERGE INTO " + p.cfg.dest.Sanitize() + " t USING " + stage + " ON " + strings.Join(on, " AND ") +
+		" WHEN MATCHED" + matched + " THEN " + update
+	if cond != "" {
+		q += " WHEN MATCHED THEN DELETE"
+	}
+	return q + " WHEN NOT MATCHED" + inserted + " THEN INSERT (" + strings.Join(cols, ", ") + ") VALUES (" + strings.Join(vals, ", ") + ")"
 }
 
 // insertRows inserts the segment's full rows, through the condition when
 // withCondition.
-func (p *plan) insertRows(ctx context.Context, tx pgx.Tx, s *segment, withCondition bool) (int64, error) {
+func (p *plan) insertRows(ctx context.Context, tx pgx.Tx, s *segment, withCondition, merge bool) (int64, error) {
 	cond := p.cfg.condition
 	if !withCondition {
 		cond = ""
@@ -226,6 +270,9 @@ func (p *plan) insertRows(ctx context.Context, tx pgx.Tx, s *segment, withCondit
 		" FROM " + a.unnest(0) + ") s"
 	if cond != "" {
 		q += " WHERE " + cond
+	}
+	if merge {
+		q = p.mergeSQL(picks, a.unnest(0), cond)
 	}
 	tag, err := tx.Exec(ctx, q, a.params()...)
 	if err != nil {
@@ -439,7 +486,7 @@ func (p *plan) fetchRows(ctx context.Context, tx pgx.Tx, keys [][]*string) error
 	if _, err := tx.Exec(ctx, "DELETE FROM "+p.cfg.dest.Sanitize()+" d USING "+fa.unnest(0)+" WHERE "+p.keyMatch(0), fa.params()...); err != nil {
 		return fmt.Errorf("replace rows that entered the condition: %w", err)
 	}
-	_, err = p.insertRows(ctx, tx, seg, false)
+	_, err = p.insertRows(ctx, tx, seg, false, false)
 	return err
 }
 
