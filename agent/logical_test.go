@@ -569,3 +569,34 @@ func TestLogicalConditionWithUnchangedToast(t *testing.T) {
 	e.sync("public.doc")
 	e.requireSame(`(SELECT * FROM public.doc WHERE status = 'published')`, "public.doc")
 }
+
+// A slot moved past what the destination applied, or a source that is
+// another cluster than the slot's, is reported, never streamed from.
+func TestLogicalSlotMovedOrSourceReplacedIsReported(t *testing.T) {
+	t.Parallel()
+	e := setupLogical(t)
+	e.exec(e.app, `CREATE TABLE public.t (id int PRIMARY KEY)`)
+	stop := e.startAgent(e.config())
+	e.done(`SELECT mimeo.logical_maker('public.t', $1)`, e.dblink)
+	e.sync("public.t")
+	stop()
+	var slot string
+	require.NoError(t, e.dst.QueryRow(e.ctx, `SELECT slot_name FROM mimeo.logical_source`).Scan(&slot))
+	e.exec(e.app, `INSERT INTO public.t VALUES (1)`)
+	e.exec(e.src, `SELECT pg_replication_slot_advance($1, pg_current_wal_lsn())`, slot)
+	stop = e.startAgent(e.config())
+	detail := e.waitState("public.t", "needs_resync")
+	require.Contains(t, detail, "was advanced to")
+	e.done(`SELECT mimeo.refresh_logical('public.t', p_repull => true)`)
+	e.sync("public.t")
+	e.requireSame("public.t", "public.t")
+	stop()
+
+	e.exec(e.dst, `UPDATE mimeo.logical_source SET system_identifier = '42'`)
+	e.startAgent(e.config())
+	detail = e.waitState("public.t", "needs_resync")
+	require.Contains(t, detail, "system identifier")
+	var status string
+	require.NoError(t, e.dst.QueryRow(e.ctx, `SELECT status FROM mimeo.logical_source`).Scan(&status))
+	require.Equal(t, "needs_resync", status)
+}
