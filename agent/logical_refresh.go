@@ -1,0 +1,153 @@
+package agent
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/mimeo-dev/mimeo/logical"
+)
+
+// refreshLogical is a sync point: done once the stream has applied every
+// source transaction committed before now. With p_repull it copies the
+// table again.
+func (a *Agent) refreshLogical(ctx context.Context, r *run) error {
+	var args refreshLogicalArgs
+	if err := r.args(&args); err != nil {
+		return err
+	}
+	fail := func(err error) error { return fmt.Errorf("refresh_logical %s: %w", r.dest, err) }
+	cfg, err := loadLogicalConfig(ctx, r.dst, r.req.DestTable)
+	if err != nil {
+		return fail(err)
+	}
+	if args.Repull {
+		if err := a.repullLogical(ctx, r, cfg); err != nil {
+			return fail(err)
+		}
+		return nil
+	}
+	if cfg.State == "failed" || cfg.State == "needs_resync" {
+		return fail(fmt.Errorf("the table is %s: %s", strings.ReplaceAll(cfg.State, "_", " "), cfg.Detail))
+	}
+	src, _, err := a.sources.acquire(ctx, r.dst, cfg.Dblink)
+	if err != nil {
+		return fail(err)
+	}
+	var target string
+	err = src.QueryRow(ctx, `SELECT pg_current_wal_lsn()::text`).Scan(&target)
+	src.Release()
+	if err != nil {
+		return fail(fmt.Errorf("read the source's WAL position: %w", err))
+	}
+	if _, err := r.dst.Exec(ctx, `UPDATE mimeo.logical_source SET sync_lsn = greatest(coalesce(sync_lsn, '0/0'), $2::text::pg_lsn) WHERE dblink = $1`,
+		cfg.Dblink, target); err != nil {
+		return fail(err)
+	}
+	timeout := a.cfg.LogicalSyncTimeout
+	if timeout <= 0 {
+		timeout = 5 * time.Minute
+	}
+	deadline := time.Now().Add(timeout)
+	pause := 5 * time.Millisecond
+	for {
+		var (
+			reached       bool
+			state, status string
+			detail        *string
+			applied       *string
+		)
+		err := r.dst.QueryRow(ctx, `SELECT coalesce(s.applied_lsn >= $2::text::pg_lsn, false), c.state,
+       coalesce(c.state_detail, s.status_detail), s.status, s.applied_lsn::text
+FROM ONLY mimeo.refresh_config_logical c JOIN mimeo.logical_source s ON s.dblink = c.dblink WHERE c.dest_table = $1`,
+			r.req.DestTable, target).Scan(&reached, &state, &detail, &status, &applied)
+		if err != nil {
+			return fail(err)
+		}
+		switch {
+		case state == "failed" || state == "needs_resync":
+			return fail(fmt.Errorf("the table is %s: %s", strings.ReplaceAll(state, "_", " "), deref(detail)))
+		case status == "needs_resync":
+			return fail(fmt.Errorf("the source needs a resync: %s", deref(detail)))
+		case reached && state == "ready":
+			return withTx(ctx, r.dst, func(tx pgx.Tx) error {
+				if _, err := tx.Exec(ctx, sqlRecordRun, r.req.DestTable, r.started); err != nil {
+					return err
+				}
+				return r.complete(ctx, tx, 0, "applied everything the source committed up to "+target)
+			})
+		case time.Now().After(deadline):
+			why := "status " + status
+			if detail != nil {
+				why += ": " + *detail
+			}
+			return fail(fmt.Errorf("the stream has not applied the source's changes up to %s within %s (applied up to %s, table %s, %s)",
+				target, timeout, deref(applied), state, why))
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(pause):
+		}
+		pause = min(2*pause, 100*time.Millisecond)
+	}
+}
+
+// repullLogical copies a table again (and so clears failed and
+// needs_resync), rebuilding its columns when the source's changed.
+func (a *Agent) repullLogical(ctx context.Context, r *run, cfg *logicalConfig) error {
+	src, st, err := a.openSource(ctx, r, sourceSpec{Dblink: cfg.Dblink, Table: cfg.Source.String(),
+		Filter: nullIfEmpty(cfg.Filter), Condition: cfg.Condition, Indexes: true})
+	if err != nil {
+		return err
+	}
+	defer src.Release()
+	if _, _, err := logicalKey(ctx, src, st, cfg.Keys, cfg.KeyTypes); err != nil {
+		return err
+	}
+	names, err := logicalNames(ctx, r.dst, cfg.Dblink)
+	if err != nil {
+		return err
+	}
+	if err := ensurePublication(ctx, src, names, st.Name); err != nil {
+		return err
+	}
+	if err := a.resetSlot(ctx, r, src, cfg.Dblink, names, false); err != nil {
+		return err
+	}
+	// Phase one: the stream keeps the table's changes from here on.
+	if _, err := r.dst.Exec(ctx, `WITH c AS (UPDATE ONLY mimeo.refresh_config_logical SET state = 'copying', start_lsn = NULL, state_detail = $2
+    WHERE dest_table = $1 RETURNING dest_table)
+DELETE FROM mimeo.logical_backlog b USING c WHERE b.dest_table = c.dest_table`, r.req.DestTable, fmt.Sprintf("repull request %d", r.req.ID)); err != nil {
+		return fmt.Errorf("mark the table copying: %w", err)
+	}
+	err = withTx(ctx, r.dst, func(tx pgx.Tx) error {
+		var own []string
+		if cfg.Logdel {
+			own = []string{logical.DeletedColumn}
+		}
+		d, err := checkColumns(ctx, tx, r.dest, st, nil, own...)
+		if err != nil {
+			return err
+		}
+		if d.none() {
+			return nil
+		}
+		return r.rebuildColumns(ctx, tx, d, st, !cfg.Logdel, cfg.Indexes, nil)
+	})
+	if err == nil {
+		err = a.copyLogical(ctx, r, cfg.Dblink, src, st, names, cfg.Keys, cfg.Logdel, true, cfg.Indexes, false)
+	}
+	if err != nil {
+		// The table gets no changes until a repull succeeds.
+		if _, xerr := r.dst.Exec(context.WithoutCancel(ctx), `UPDATE ONLY mimeo.refresh_config_logical SET state = 'failed', state_detail = $2 WHERE dest_table = $1`,
+			r.req.DestTable, "repull failed: "+err.Error()); xerr != nil {
+			r.log.Warn("cannot mark the table failed", "error", xerr)
+		}
+		return err
+	}
+	return nil
+}
