@@ -38,7 +38,7 @@ func (a *Agent) refreshLogical(ctx context.Context, r *run) error {
 		return fail(err)
 	}
 	var target string
-	err = src.QueryRow(ctx, `SELECT pg_current_wal_lsn()::text`).Scan(&target)
+	err = src.QueryRow(ctx, `SELECT pg_current_wal_insert_lsn()::text`).Scan(&target)
 	src.Release()
 	if err != nil {
 		return fail(fmt.Errorf("read the source's WAL position: %w", err))
@@ -51,7 +51,8 @@ func (a *Agent) refreshLogical(ctx context.Context, r *run) error {
 	if timeout <= 0 {
 		timeout = 5 * time.Minute
 	}
-	deadline := time.Now().Add(timeout)
+	waitStart := time.Now()
+	deadline := waitStart.Add(timeout)
 	pause := 5 * time.Millisecond
 	for {
 		var (
@@ -73,6 +74,7 @@ FROM ONLY mimeo.refresh_config_logical c JOIN mimeo.logical_source s ON s.dblink
 		case status == "needs_resync":
 			return fail(fmt.Errorf("the source needs a resync: %s", deref(detail)))
 		case reached && state == "ready":
+			r.job.add(ctx, "Wait for the stream", waitStart, jobOK, fmt.Sprintf("the source was at %s; the stream has applied up to %s", target, deref(applied)))
 			return withTx(ctx, r.dst, func(tx pgx.Tx) error {
 				if _, err := tx.Exec(ctx, sqlRecordRun, r.req.DestTable, r.started); err != nil {
 					return err

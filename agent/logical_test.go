@@ -600,3 +600,20 @@ func TestLogicalSlotMovedOrSourceReplacedIsReported(t *testing.T) {
 	require.NoError(t, e.dst.QueryRow(e.ctx, `SELECT status FROM mimeo.logical_source`).Scan(&status))
 	require.Equal(t, "needs_resync", status)
 }
+
+// The sync point covers a commit whose WAL the source has not flushed yet
+// (synchronous_commit = off, as on the test servers).
+func TestLogicalSyncPointRightAfterACommit(t *testing.T) {
+	t.Parallel()
+	e := setupLogical(t)
+	e.exec(e.app, `CREATE TABLE public.t (id int PRIMARY KEY)`)
+	e.startAgent(e.config())
+	e.done(`SELECT mimeo.logical_maker('public.t', $1)`, e.dblink)
+	for i := range 15 {
+		e.exec(e.app, `INSERT INTO public.t VALUES ($1)`, i)
+		e.sync("public.t")
+		var n int
+		require.NoError(t, e.dst.QueryRow(e.ctx, `SELECT count(*) FROM public.t WHERE id = $1`, i).Scan(&n))
+		require.Equal(t, 1, n, "row %d committed before the sync point", i)
+	}
+}

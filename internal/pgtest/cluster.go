@@ -66,7 +66,6 @@ var defaultSettings = map[string]string{
 	"shared_buffers":        "128MB",
 	"max_wal_senders":       "40",
 	"max_replication_slots": "40",
-	"wal_writer_delay":      "10ms",
 	"log_min_messages":      "warning",
 	"logging_collector":     "off",
 }
