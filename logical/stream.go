@@ -183,12 +183,12 @@ func (s *stream) needsResync(ctx context.Context, why string) error {
 // markResync records on the destination that the source's slot cannot
 // continue: every table not failed already waits for a repull.
 func markResync(ctx context.Context, dst DB, dblink int, why string) error {
-	if _, err := dst.Exec(ctx, `UPDATE mimeo.logical_source SET status = 'needs_resync', status_detail = $2, checked_at = now() WHERE dblink = $1`, dblink, why); err != nil {
-		return err
-	}
-	_, err := dst.Exec(ctx, `UPDATE ONLY mimeo.refresh_config_logical SET state = 'needs_resync',
-    state_detail = $2 || '; run SELECT mimeo.refresh_logical(' || quote_literal(dest_table) || ', p_repull => true)'
-WHERE dblink = $1 AND state <> 'failed'`, dblink, why)
+	_, err := dst.Exec(ctx, `WITH s AS (
+    UPDATE mimeo.logical_source SET status = 'needs_resync', status_detail = $2 || '; repull each of its tables', checked_at = now()
+    WHERE dblink = $1 RETURNING dblink)
+UPDATE ONLY mimeo.refresh_config_logical c SET state = 'needs_resync',
+    state_detail = $2 || '; run SELECT mimeo.refresh_logical(' || quote_literal(c.dest_table) || ', p_repull => true)'
+FROM s WHERE c.dblink = s.dblink AND c.state <> 'failed'`, dblink, why)
 	return err
 }
 
