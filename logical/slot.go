@@ -77,7 +77,7 @@ func EnsurePublication(ctx context.Context, tx pgx.Tx, pub string, table ident.N
 				return rerr
 			}
 			if isCode(err, "42501") {
-				return &HintError{Err: fmt.Errorf("create publication %s: %w", pub, err),
+				return &HintError{Err: fmt.Errorf("%s may not create publication %s (that needs CREATE on the source database): %w", role, pub, err),
 					Hint: fmt.Sprintf("as a superuser on the source run: CREATE PUBLICATION %s WITH (publish_via_partition_root = true); ALTER PUBLICATION %s OWNER TO %s; ALTER PUBLICATION %s ADD TABLE %s;",
 						q, q, ident.Quote(role), q, table.Sanitize())}
 			}
@@ -98,7 +98,7 @@ func EnsurePublication(ctx context.Context, tx pgx.Tx, pub string, table ident.N
 			return rerr
 		}
 		if isCode(err, "42501") {
-			return &HintError{Err: fmt.Errorf("add %s to publication %s: %w", table, pub, err),
+			return &HintError{Err: fmt.Errorf("%s may not add %s to publication %s (that needs ownership of the table): %w", role, table, pub, err),
 				Hint: fmt.Sprintf("adding a table to a publication needs ownership of both; as a superuser on the source run: ALTER PUBLICATION %s ADD TABLE %s; then call the maker again",
 					q, table.Sanitize())}
 		}
