@@ -18,6 +18,8 @@ type loadSpec struct {
 	condition string
 	target    ident.Name
 	create    bool   // create target first (else it is truncated)
+	emptied   bool   // target is empty already (neither created nor truncated)
+	thawed    bool   // load without FREEZE (the target was not created or truncated in tx)
 	cascade   bool   // TRUNCATE ... CASCADE
 	pull      bool   // copy the rows (else leave target empty)
 	indexes   bool   // re-create the source's indexes after the load
@@ -36,7 +38,7 @@ func (r *run) load(ctx context.Context, tx pgx.Tx, spec loadSpec) (int64, error)
 		if err := spec.keep.restore(ctx, tx); err != nil {
 			return 0, err
 		}
-	} else {
+	} else if !spec.emptied {
 		q := "TRUNCATE " + t
 		if spec.cascade {
 			q += " CASCADE"
@@ -49,8 +51,12 @@ func (r *run) load(ctx context.Context, tx pgx.Tx, spec loadSpec) (int64, error)
 	if spec.pull {
 		err := r.step(ctx, "Copy rows from source "+spec.table.Name.String(), func() (string, error) {
 			var err error
+			in := copyInSQL(spec.target, spec.table.Columns)
+			if spec.thawed {
+				in = strings.Replace(in, ", FREEZE)", ")", 1)
+			}
 			rows, err = copyRows(ctx, spec.src.Conn().PgConn(), copyOutSQL(spec.table, spec.condition),
-				tx.Conn().PgConn(), copyInSQL(spec.target, spec.table.Columns))
+				tx.Conn().PgConn(), in)
 			return fmt.Sprintf("copied %d rows into %s", rows, spec.target), err
 		})
 		if err != nil {

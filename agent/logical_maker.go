@@ -137,7 +137,16 @@ func (a *Agent) copyLogical(ctx context.Context, r *run, dblink int, src *pgxpoo
 		if logdel && !created {
 			rows, err = r.reloadLogdel(ctx, tx, cp, st, cfg, pull)
 		} else {
-			rows, err = r.load(ctx, tx, loadSpec{src: cp, table: st, condition: cfg.Condition, target: r.dest, pull: pull})
+			// TRUNCATE lets the copy load frozen rows; a table handed to
+			// another role, with DML grants only, is emptied with DELETE.
+			emptied := false
+			if !created {
+				if emptied, err = emptyTable(ctx, tx, r.dest); err != nil {
+					return err
+				}
+			}
+			rows, err = r.load(ctx, tx, loadSpec{src: cp, table: st, condition: cfg.Condition, target: r.dest, pull: pull,
+				emptied: emptied, thawed: emptied})
 		}
 		if err != nil {
 			return err
@@ -173,22 +182,28 @@ func (a *Agent) copyLogical(ctx context.Context, r *run, dblink int, src *pgxpoo
 }
 
 // reloadLogdel repulls a logdel-flavoured table keeping its history: live
-// rows are replaced by the source's; a deleted row stays unless its key is
-// live again.
+// rows are replaced by the source's, a live row the source no longer has
+// is marked deleted (as of the repull), and a deleted row stays unless its
+// key is live again.
 func (r *run) reloadLogdel(ctx context.Context, tx pgx.Tx, cp *pgxpool.Conn, st *sourceTable, cfg *logicalConfig, pull bool) (int64, error) {
 	stage := ident.Name{Schema: "pg_temp", Table: "mimeo_logical_reload"}
 	if _, err := tx.Exec(ctx, "CREATE TEMP TABLE mimeo_logical_reload ("+columnDefs(unconstrained(st.Columns))+") ON COMMIT DROP"); err != nil {
 		return 0, fmt.Errorf("create staging table: %w", err)
 	}
-	rows, err := r.load(ctx, tx, loadSpec{src: cp, table: st, condition: cfg.Condition, target: stage, pull: pull})
+	rows, err := r.load(ctx, tx, loadSpec{src: cp, table: st, condition: cfg.Condition, target: stage, pull: pull, emptied: true})
 	if err != nil {
 		return 0, err
 	}
 	d := r.dest.Sanitize()
 	cols := columnList(st.Columns)
+	deleted := ident.Quote(logical.DeletedColumn)
+	inStage := "EXISTS (SELECT 1 FROM mimeo_logical_reload k WHERE " + keyMatch(cfg.Keys, "d", "k") + ")"
 	if err := execAll(ctx, tx, "reload", []string{
-		"DELETE FROM " + d + " d WHERE d." + ident.Quote(logical.DeletedColumn) + " IS NULL OR EXISTS (SELECT 1 FROM mimeo_logical_reload k WHERE " +
-			keyMatch(cfg.Keys, "d", "k") + ")",
+		// Joins of the reload against the table go by the key.
+		"CREATE INDEX ON mimeo_logical_reload (" + quoteNames(cfg.Keys) + ")",
+		"ANALYZE mimeo_logical_reload",
+		"UPDATE " + d + " d SET " + deleted + " = now() WHERE d." + deleted + " IS NULL AND NOT " + inStage,
+		"DELETE FROM " + d + " d WHERE " + inStage,
 		"INSERT INTO " + d + " (" + cols + ") SELECT " + cols + " FROM mimeo_logical_reload",
 	}); err != nil {
 		return 0, err
@@ -208,4 +223,28 @@ func (a *Agent) dropLeftover(ctx context.Context, r *run, what string) error {
 		_, err = tx.Exec(ctx, "DROP TABLE IF EXISTS "+r.dest.Sanitize())
 		return err
 	})
+}
+
+// emptyTable truncates a table and returns false, or where the agent may
+// not TRUNCATE it (a table handed to another role, with DML grants) deletes
+// its rows and returns true.
+func emptyTable(ctx context.Context, tx pgx.Tx, t ident.Name) (bool, error) {
+	if _, err := tx.Exec(ctx, "SAVEPOINT mimeo_empty"); err != nil {
+		return false, err
+	}
+	_, err := tx.Exec(ctx, "TRUNCATE "+t.Sanitize())
+	if err == nil {
+		_, err = tx.Exec(ctx, "ROLLBACK TO SAVEPOINT mimeo_empty") // load truncates it itself, so COPY may FREEZE
+		return false, err
+	}
+	if !hasCode(err, "42501") {
+		return false, fmt.Errorf("truncate %s: %w", t, err)
+	}
+	if _, err := tx.Exec(ctx, "ROLLBACK TO SAVEPOINT mimeo_empty"); err != nil {
+		return false, err
+	}
+	if _, err := tx.Exec(ctx, "DELETE FROM "+t.Sanitize()); err != nil {
+		return false, fmt.Errorf("empty %s: %w", t, err)
+	}
+	return true, nil
 }

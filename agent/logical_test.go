@@ -582,7 +582,8 @@ func TestLogicalSlotMovedOrSourceReplacedIsReported(t *testing.T) {
 	stop()
 	var slot string
 	require.NoError(t, e.dst.QueryRow(e.ctx, `SELECT slot_name FROM mimeo.logical_source`).Scan(&slot))
-	e.exec(e.app, `INSERT INTO public.t VALUES (1)`)
+	// Flushed, so the slot can be advanced past it.
+	e.exec(e.src, `BEGIN; SET LOCAL synchronous_commit = on; INSERT INTO public.t VALUES (1); COMMIT`)
 	e.exec(e.src, `SELECT pg_replication_slot_advance($1, pg_current_wal_lsn())`, slot)
 	stop = e.startAgent(e.config())
 	detail := e.waitState("public.t", "needs_resync")
@@ -616,4 +617,68 @@ func TestLogicalSyncPointRightAfterACommit(t *testing.T) {
 		require.NoError(t, e.dst.QueryRow(e.ctx, `SELECT count(*) FROM public.t WHERE id = $1`, i).Scan(&n))
 		require.Equal(t, 1, n, "row %d committed before the sync point", i)
 	}
+}
+
+// A logdel repull keeps the history: rows the source lost meanwhile are
+// marked deleted, not dropped.
+func TestLogicalLogdelRepullKeepsHistory(t *testing.T) {
+	t.Parallel()
+	e := setupLogical(t)
+	e.exec(e.app, `CREATE TABLE public.t (id int PRIMARY KEY, v text)`)
+	e.exec(e.app, `INSERT INTO public.t SELECT g, 'v' FROM generate_series(1, 50) g`)
+	e.startAgent(e.config())
+	e.done(`SELECT mimeo.logical_maker('public.t', $1, p_logdel => true)`, e.dblink)
+	e.exec(e.app, `DELETE FROM public.t WHERE id = 50`)
+	e.sync("public.t")
+	e.exec(e.dst, `UPDATE mimeo.refresh_config_logical SET state = 'failed', state_detail = 'test'`)
+	e.exec(e.app, `DELETE FROM public.t WHERE id <= 10`)
+	e.exec(e.app, `INSERT INTO public.t VALUES (50, 'back')`)
+	e.done(`SELECT mimeo.refresh_logical('public.t', p_repull => true)`)
+	var live, dead int
+	require.NoError(t, e.dst.QueryRow(e.ctx, `SELECT count(*) FILTER (WHERE mimeo_source_deleted IS NULL), count(*) FILTER (WHERE mimeo_source_deleted IS NOT NULL) FROM public.t`).Scan(&live, &dead))
+	require.Equal(t, 40, live)
+	require.Equal(t, 10, dead, "the rows deleted while the table was stopped stay, marked")
+	require.Equal(t, checksum(t, e.ctx, e.src, "public.t"),
+		checksum(t, e.ctx, e.dst, "(SELECT id, v FROM public.t WHERE mimeo_source_deleted IS NULL)"))
+}
+
+// A condition on a column p_filter leaves out still decides, also for
+// UPDATEs that leave TOASTed values unchanged.
+func TestLogicalConditionOnAColumnNotCopied(t *testing.T) {
+	t.Parallel()
+	e := setupLogical(t)
+	e.exec(e.app, `CREATE TABLE public.doc (id int PRIMARY KEY, status text, n int, body text)`)
+	e.exec(e.app, `ALTER TABLE public.doc ALTER COLUMN body SET STORAGE EXTERNAL`)
+	e.exec(e.app, `INSERT INTO public.doc SELECT g, CASE WHEN g % 2 = 0 THEN 'on' ELSE 'off' END, 0, repeat(md5(g::text), 100) FROM generate_series(1, 20) g`)
+	e.startAgent(e.config())
+	e.done(`SELECT mimeo.logical_maker('public.doc', $1, p_filter => '{id,n,body}', p_condition => 'status = ''on''')`, e.dblink)
+	e.exec(e.app, `UPDATE public.doc SET n = n + 1 WHERE id <= 6`)           // in and out of the condition alike
+	e.exec(e.app, `UPDATE public.doc SET status = 'on' WHERE id IN (1, 3)`)  // into it, body unchanged
+	e.exec(e.app, `UPDATE public.doc SET status = 'off' WHERE id IN (2, 4)`) // out of it
+	e.exec(e.app, `UPDATE public.doc SET id = id + 100 WHERE id IN (6, 7)`)  // key changes
+	e.sync("public.doc")
+	e.requireSame(`(SELECT id, n, body FROM public.doc WHERE status = 'on')`, "public.doc")
+	state, _ := e.logicalState("public.doc")
+	require.Equal(t, "ready", state)
+}
+
+// A destination table handed to another role, the agent keeping DML
+// rights, streams and repulls.
+func TestLogicalTableHandedToAnotherRole(t *testing.T) {
+	t.Parallel()
+	e := setupLogical(t)
+	e.exec(e.app, `CREATE TABLE public.acc (id int PRIMARY KEY, v text)`)
+	e.exec(e.app, `INSERT INTO public.acc SELECT g, 'v' FROM generate_series(1, 20) g`)
+	e.startAgent(e.config())
+	e.done(`SELECT mimeo.logical_maker('public.acc', $1)`, e.dblink)
+	su := e.pool(pgtest.Destination().ConnString(e.dstDB, pgtest.Destination().Superuser, ""))
+	e.exec(su, `ALTER TABLE public.acc OWNER TO `+strangerRole)
+	e.exec(su, `GRANT SELECT, INSERT, UPDATE, DELETE ON public.acc TO `+agentRole)
+	e.exec(e.app, `UPDATE public.acc SET v = 'x' WHERE id < 5`)
+	e.exec(e.app, `TRUNCATE public.acc`)
+	e.exec(e.app, `INSERT INTO public.acc VALUES (1, 'after')`)
+	e.sync("public.acc")
+	e.requireSame("public.acc", "public.acc")
+	e.done(`SELECT mimeo.refresh_logical('public.acc', p_repull => true)`)
+	e.requireSame("public.acc", "public.acc")
 }

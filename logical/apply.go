@@ -484,6 +484,9 @@ func (a *applier) failed(ctx context.Context, err error) error {
 	a.s.log.Error("logical table failed; it gets no changes until a repull", "dest_table", te.dest, "error", te.err)
 	a.s.e.metrics.failed.WithLabelValues(label(a.s.dblink)).Inc()
 	detail := te.err.Error()
+	if isCode(te.err, "42501") {
+		detail += "; the agent's role needs SELECT, INSERT, UPDATE and DELETE on " + te.dest + " (grant them, then repull)"
+	}
 	if !strings.Contains(detail, "p_repull") {
 		detail += repullHint(te.dest)
 	}

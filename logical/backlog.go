@@ -291,6 +291,7 @@ func (a *applier) measure(ctx context.Context) {
 		a.s.log.Warn("cannot record the slot's retained WAL", "error", err)
 	}
 	a.checkPartitions(ctx)
+	a.failAbandonedCopies(ctx)
 	over := slot.RetainedBytes > a.s.e.cfg.WALWarnBytes
 	if over && !a.warned {
 		a.s.log.Warn("the slot retains more WAL than MIMEO_LOGICAL_WAL_WARNING on the source", "slot", a.s.names.Slot,
@@ -345,5 +346,32 @@ WHERE dblink = $1 AND partitions IS NOT NULL AND state IN ('ready', 'copied')`, 
 			t.dest, why+repullHint(t.dest)); err != nil {
 			a.s.log.Warn("cannot mark the table failed", "error", err)
 		}
+	}
+}
+
+// failAbandonedCopies fails a table whose maker or repull request ended
+// (given up on after its agent died, say) while its copy was running: its
+// changes would otherwise pile up in the backlog for ever.
+func (a *applier) failAbandonedCopies(ctx context.Context) {
+	rows, err := a.s.dst.Query(ctx, `WITH gone AS (
+    UPDATE ONLY mimeo.refresh_config_logical c SET state = 'failed',
+        state_detail = 'its ' || c.state_detail || ' ended before the copy did; run SELECT mimeo.refresh_logical('
+            || quote_literal(c.dest_table) || ', p_repull => true), or the destroyer'
+    WHERE c.dblink = $1 AND c.state = 'copying' AND c.state_detail ~ '^(maker|repull) request [0-9]+$'
+      AND NOT EXISTS (SELECT 1 FROM mimeo.request r
+                      WHERE r.id = substring(c.state_detail FROM '[0-9]+$')::bigint AND r.status IN ('queued', 'running'))
+    RETURNING c.dest_table),
+del AS (DELETE FROM mimeo.logical_backlog b USING gone WHERE b.dest_table = gone.dest_table)
+SELECT dest_table FROM gone`, a.s.dblink)
+	if err != nil {
+		a.s.log.Warn("cannot check for abandoned copies", "error", err)
+		return
+	}
+	tables, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	if err != nil {
+		return
+	}
+	for _, t := range tables {
+		a.s.log.Error("logical table failed: the request copying it ended before the copy did", "dest_table", t)
 	}
 }

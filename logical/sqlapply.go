@@ -297,6 +297,16 @@ func (p *plan) updatePartial(ctx context.Context, tx pgx.Tx, s *segment, live st
 		}
 		groups[sig] = append(groups[sig], op)
 	}
+	if p.cfg.condition != "" {
+		// Whether the row is in the condition now may depend on values the
+		// stream lacks (unchanged TOAST) or does not copy (p_filter): the
+		// source says, and gives the row whole.
+		var keys [][]*string
+		for _, sig := range order {
+			keys = append(keys, opKeys(groups[sig])...)
+		}
+		return int64(len(keys)), p.fetchRows(ctx, tx, keys)
+	}
 	var rows int64
 	for _, sig := range order {
 		ops := groups[sig]
@@ -355,87 +365,20 @@ func (p *plan) updateRows(ctx context.Context, tx pgx.Tx, ops []*rowOp, from [][
 		sets = append(sets, ident.Quote(c.name)+" = u.c"+strconv.Itoa(len(p.keys)+i)+"::"+c.typ)
 	}
 	d := p.cfg.dest.Sanitize()
-	var keyOut []string
-	for _, k := range p.keys {
-		keyOut = append(keyOut, "d."+ident.Quote(k.name)+"::text")
-	}
 	update := "UPDATE " + d + " d SET " + strings.Join(sets, ", ") + " FROM " + a.unnest(0) + " WHERE " + p.keyMatch(0) + live
-	if p.cfg.condition == "" {
-		tag, err := tx.Exec(ctx, update, a.params()...)
-		if err != nil {
-			return 0, fmt.Errorf("update changed rows: %w", err)
-		}
-		if tag.RowsAffected() < int64(len(ops)) {
-			return 0, fmt.Errorf("the source updated %d rows the destination does not have: the copy is out of step with the source", int64(len(ops))-tag.RowsAffected())
-		}
-		return tag.RowsAffected(), nil
-	}
-	rows, err := tx.Query(ctx, update+" RETURNING "+strings.Join(keyOut, ", "), a.params()...)
+	tag, err := tx.Exec(ctx, update, a.params()...)
 	if err != nil {
 		return 0, fmt.Errorf("update changed rows: %w", err)
 	}
-	found := map[string]bool{}
-	for rows.Next() {
-		vals := make([]*string, len(p.keys))
-		ptrs := make([]any, len(vals))
-		for i := range vals {
-			ptrs[i] = &vals[i]
-		}
-		if err := rows.Scan(ptrs...); err != nil {
-			rows.Close()
-			return 0, err
-		}
-		found[joinKey(vals)] = true
+	if tag.RowsAffected() < int64(len(ops)) {
+		return 0, fmt.Errorf("the source updated %d rows the destination does not have: the copy is out of step with the source", int64(len(ops))-tag.RowsAffected())
 	}
-	rows.Close()
-	if err := rows.Err(); err != nil {
-		return 0, fmt.Errorf("update changed rows: %w", err)
-	}
-	var missing [][]*string
-	for n, op := range ops {
-		key := op.key
-		if from != nil {
-			key = from[n]
-		}
-		if !found[joinKey(key)] {
-			missing = append(missing, op.key)
-		}
-	}
-	if len(missing) > 0 {
-		// Rows the update brings into the condition, whose unchanged
-		// values only the source has: read them there (as they are now;
-		// later changes in the stream apply on top).
-		if err := p.fetchRows(ctx, tx, missing); err != nil {
-			return 0, err
-		}
-	}
-	if p.cfg.condition != "" {
-		// A row the update takes out of the condition leaves the copy.
-		ka := p.keyArrays(opKeys(ops))
-		if _, err := tx.Exec(ctx, "DELETE FROM "+d+" d USING "+ka.unnest(0)+" WHERE "+p.keyMatch(0)+
-			" AND NOT EXISTS (SELECT 1 FROM (SELECT d.*) s WHERE "+p.cfg.condition+")", ka.params()...); err != nil {
-			return 0, fmt.Errorf("apply condition to updated rows: %w", err)
-		}
-	}
-	return int64(len(found)), nil
+	return tag.RowsAffected(), nil
 }
 
-// joinKey is a map key for key values.
-func joinKey(vals []*string) string {
-	var sb strings.Builder
-	for _, v := range vals {
-		if v == nil {
-			sb.WriteString("\x01")
-		} else {
-			sb.WriteString(*v)
-		}
-		sb.WriteByte(0)
-	}
-	return sb.String()
-}
-
-// fetchRows copies the rows of keys that the condition admits from the
-// source into the destination.
+// fetchRows replaces the rows of keys with the source's rows of those keys
+// that the condition admits, as they are now (later changes in the stream
+// apply on top).
 func (p *plan) fetchRows(ctx context.Context, tx pgx.Tx, keys [][]*string) error {
 	if p.src == nil {
 		return fmt.Errorf("%d updated rows are missing from the destination", len(keys))
@@ -475,16 +418,17 @@ func (p *plan) fetchRows(ctx context.Context, tx pgx.Tx, keys [][]*string) error
 	if err := rows.Err(); err != nil {
 		return fmt.Errorf("read rows that entered the condition from the source: %w", err)
 	}
+	// What the keys have goes (logdel: their live rows; a row out of the
+	// condition leaves the copy), then the source's rows come in.
+	live := ""
+	if p.cfg.logdel {
+		live = " AND d." + ident.Quote(DeletedColumn) + " IS NULL"
+	}
+	if _, err := tx.Exec(ctx, "DELETE FROM "+p.cfg.dest.Sanitize()+" d USING "+ka.unnest(0)+" WHERE "+p.keyMatch(0)+live, ka.params()...); err != nil {
+		return fmt.Errorf("replace updated rows: %w", err)
+	}
 	if len(seg.order) == 0 {
 		return nil
-	}
-	var fetched [][]*string
-	for _, k := range seg.order {
-		fetched = append(fetched, seg.ops[k].key)
-	}
-	fa := p.keyArrays(fetched)
-	if _, err := tx.Exec(ctx, "DELETE FROM "+p.cfg.dest.Sanitize()+" d USING "+fa.unnest(0)+" WHERE "+p.keyMatch(0), fa.params()...); err != nil {
-		return fmt.Errorf("replace rows that entered the condition: %w", err)
 	}
 	_, err = p.insertRows(ctx, tx, seg, false, false)
 	return err
@@ -544,6 +488,13 @@ func (p *plan) applyMove(ctx context.Context, tx pgx.Tx, from []*string, op *row
 	live := ""
 	if p.cfg.logdel {
 		live = " AND d." + ident.Quote(DeletedColumn) + " IS NULL"
+	}
+	if p.cfg.condition != "" {
+		fa := p.keyArrays([][]*string{from})
+		if _, err := tx.Exec(ctx, "DELETE FROM "+d+" d USING "+fa.unnest(0)+" WHERE "+p.keyMatch(0)+live, fa.params()...); err != nil {
+			return 0, fmt.Errorf("apply key change: %w", err)
+		}
+		return 1, p.fetchRows(ctx, tx, [][]*string{op.key})
 	}
 	return p.updateRows(ctx, tx, []*rowOp{op}, [][]*string{from}, live)
 }
