@@ -60,9 +60,15 @@ func (a *applier) run(ctx context.Context, items <-chan any) error {
 		group []*txn // complete transactions not applied yet
 		size  int
 		large bool // cur is being applied in pieces, in a.tx
+		// A group waits up to lingerMax for more transactions once the
+		// stream runs dry: one destination transaction then carries
+		// several, instead of one each at a rate it cannot keep up with.
+		linger     <-chan time.Time
+		groupStart time.Time
 	)
 	defer a.rollback(ctx)
 	flushGroup := func() error {
+		linger = nil
 		if len(group) == 0 {
 			return nil
 		}
@@ -78,6 +84,14 @@ func (a *applier) run(ctx context.Context, items <-chan any) error {
 		case <-ctx.Done():
 			return context.Cause(ctx)
 		case item = <-items:
+		case <-linger:
+			linger = nil
+			if cur == nil {
+				if err := flushGroup(); err != nil {
+					return err
+				}
+			}
+			continue
 		case <-idle.C:
 			if cur == nil {
 				if err := flushGroup(); err != nil {
@@ -154,12 +168,19 @@ func (a *applier) run(ctx context.Context, items <-chan any) error {
 				a.s.log.Debug("applied a large source transaction", "commit_lsn", done.commitLSN.String(), "changes", a.changes)
 				continue
 			}
+			if len(group) == 0 {
+				groupStart = time.Now()
+			}
 			group = append(group, done)
 			size += done.size
-			if len(items) == 0 || size >= a.s.e.cfg.MemoryBudget || len(group) >= 1000 {
+			waited := time.Since(groupStart)
+			switch {
+			case size >= a.s.e.cfg.MemoryBudget || len(group) >= 1000 || (len(items) == 0 && waited >= lingerMax):
 				if err := flushGroup(); err != nil {
 					return err
 				}
+			case len(items) == 0 && linger == nil:
+				linger = time.After(lingerMax - waited)
 			}
 		case marker:
 			if cur != nil {
@@ -174,6 +195,10 @@ func (a *applier) run(ctx context.Context, items <-chan any) error {
 		}
 	}
 }
+
+// lingerMax is how long a group of transactions waits for more once the
+// stream has nothing more to hand over.
+const lingerMax = 5 * time.Millisecond
 
 // pieceSize is the bytes of one transaction held before it is applied in
 // pieces: a quarter of the budget, so receiving overlaps applying.
