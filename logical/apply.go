@@ -67,6 +67,7 @@ func (a *applier) run(ctx context.Context, items <-chan any) error {
 		groupStart time.Time
 	)
 	defer a.rollback(ctx)
+	var pending pglogrepl.LSN // a keepalive's position that arrived behind the group
 	flushGroup := func() error {
 		linger = nil
 		if len(group) == 0 {
@@ -74,6 +75,13 @@ func (a *applier) run(ctx context.Context, items <-chan any) error {
 		}
 		err := a.applyGroup(ctx, group)
 		group, size = nil, 0
+		if err != nil {
+			return err
+		}
+		if pending > a.applied {
+			err = a.advance(ctx, pending)
+		}
+		pending = 0
 		return err
 	}
 	idle := time.NewTicker(250 * time.Millisecond)
@@ -186,12 +194,17 @@ func (a *applier) run(ctx context.Context, items <-chan any) error {
 			if cur != nil {
 				continue
 			}
-			if err := flushGroup(); err != nil {
+			if len(group) > 0 {
+				// The walsender says where it is after nearly every
+				// transaction while the source is busy: that must not
+				// cut the group short. It counts once the group is in.
+				pending = max(pending, m.lsn)
+				continue
+			}
+			if err := a.advance(ctx, max(pending, m.lsn)); err != nil {
 				return err
 			}
-			if err := a.advance(ctx, m.lsn); err != nil {
-				return err
-			}
+			pending = 0
 		}
 	}
 }
