@@ -203,8 +203,11 @@ FROM mimeo.logical_backlog WHERE dest_table = $1 AND seq > $2 ORDER BY seq LIMIT
 
 // readTargetByDest reads and locks one table's config.
 func readTargetByDest(ctx context.Context, tx pgx.Tx, dest string) ([]*tableConfig, error) {
-	var src string
-	err := tx.QueryRow(ctx, `SELECT source_table FROM ONLY mimeo.refresh_config_logical WHERE dest_table = $1`, dest).Scan(&src)
+	var (
+		src    string
+		dblink int
+	)
+	err := tx.QueryRow(ctx, `SELECT source_table, dblink FROM ONLY mimeo.refresh_config_logical WHERE dest_table = $1`, dest).Scan(&src, &dblink)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return nil, nil
 	}
@@ -213,10 +216,6 @@ func readTargetByDest(ctx context.Context, tx pgx.Tx, dest string) ([]*tableConf
 	}
 	name, err := ident.Parse(src)
 	if err != nil {
-		return nil, err
-	}
-	var dblink int
-	if err := tx.QueryRow(ctx, `SELECT dblink FROM ONLY mimeo.refresh_config_logical WHERE dest_table = $1`, dest).Scan(&dblink); err != nil {
 		return nil, err
 	}
 	all, err := readTargets(ctx, tx, dblink, name)

@@ -35,15 +35,23 @@ func (s *stream) receive(ctx context.Context, out chan<- any) error {
 			ReplyRequested:   reply,
 		})
 	}
-	// send hands msg on, acknowledging meanwhile if the applier is slow.
+	// send hands msg on, acknowledging meanwhile if the applier is slow
+	// (one ticker for that, not a timer per message).
+	slow := time.NewTicker(s.e.cfg.StatusInterval)
+	defer slow.Stop()
 	send := func(msg any) error {
+		select {
+		case out <- msg:
+			return nil
+		default:
+		}
 		for {
 			select {
 			case out <- msg:
 				return nil
 			case <-ctx.Done():
 				return context.Cause(ctx)
-			case <-time.After(time.Until(nextStatus)):
+			case <-slow.C:
 				if err := status(false); err != nil {
 					return fmt.Errorf("acknowledge slot: %w", err)
 				}

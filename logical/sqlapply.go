@@ -73,10 +73,7 @@ func (p *plan) keyMatch(o int) string {
 func (b *tableBatch) applySegment(ctx context.Context, tx pgx.Tx, s *segment) (int64, error) {
 	p := b.plan
 	d := p.cfg.dest.Sanitize()
-	live := ""
-	if p.cfg.logdel {
-		live = " AND d." + ident.Quote(DeletedColumn) + " IS NULL"
-	}
+	live := p.liveOnly()
 	var rows int64
 	if s.truncate {
 		if err := p.truncate(ctx, tx, s.truncateAt); err != nil {
@@ -124,6 +121,15 @@ func (b *tableBatch) applySegment(ctx context.Context, tx pgx.Tx, s *segment) (i
 		return 0, err
 	}
 	return rows + n, nil
+}
+
+// liveOnly restricts a statement on the destination (alias d) to live rows
+// in a logdel-flavoured table.
+func (p *plan) liveOnly() string {
+	if !p.cfg.logdel {
+		return ""
+	}
+	return " AND d." + ident.Quote(DeletedColumn) + " IS NULL"
 }
 
 // keyArrays puts keys into column-major arrays.
@@ -420,10 +426,7 @@ func (p *plan) fetchRows(ctx context.Context, tx pgx.Tx, keys [][]*string) error
 	}
 	// What the keys have goes (logdel: their live rows; a row out of the
 	// condition leaves the copy), then the source's rows come in.
-	live := ""
-	if p.cfg.logdel {
-		live = " AND d." + ident.Quote(DeletedColumn) + " IS NULL"
-	}
+	live := p.liveOnly()
 	if _, err := tx.Exec(ctx, "DELETE FROM "+p.cfg.dest.Sanitize()+" d USING "+ka.unnest(0)+" WHERE "+p.keyMatch(0)+live, ka.params()...); err != nil {
 		return fmt.Errorf("replace updated rows: %w", err)
 	}
@@ -460,14 +463,6 @@ func (p *plan) markDeleted(ctx context.Context, tx pgx.Tx, s *segment, live stri
 	if count == 0 {
 		return 0, nil
 	}
-	tag, err := p.execMark(ctx, tx, a, live)
-	if err != nil {
-		return 0, err
-	}
-	return tag, nil
-}
-
-func (p *plan) execMark(ctx context.Context, tx pgx.Tx, a *arrays, live string) (int64, error) {
 	tag, err := tx.Exec(ctx, "UPDATE "+p.cfg.dest.Sanitize()+" d SET "+ident.Quote(DeletedColumn)+" = u.c"+strconv.Itoa(len(p.keys))+
 		"::timestamptz FROM "+a.unnest(0)+" WHERE "+p.keyMatch(0)+live, a.params()...)
 	if err != nil {
@@ -485,10 +480,7 @@ func (p *plan) applyMove(ctx context.Context, tx pgx.Tx, from []*string, op *row
 	if _, err := tx.Exec(ctx, "DELETE FROM "+d+" d USING "+ka.unnest(0)+" WHERE "+p.keyMatch(0), ka.params()...); err != nil {
 		return 0, fmt.Errorf("apply key change: %w", err)
 	}
-	live := ""
-	if p.cfg.logdel {
-		live = " AND d." + ident.Quote(DeletedColumn) + " IS NULL"
-	}
+	live := p.liveOnly()
 	if p.cfg.condition != "" {
 		fa := p.keyArrays([][]*string{from})
 		if _, err := tx.Exec(ctx, "DELETE FROM "+d+" d USING "+fa.unnest(0)+" WHERE "+p.keyMatch(0)+live, fa.params()...); err != nil {
