@@ -42,7 +42,7 @@ const sqlTargets = `
 SELECT dest_table, state, coalesce(start_lsn, '0/0')::text, pk_field, coalesce(filter, '{}'), coalesce(condition, ''),
        logdel, coalesce(columns, '{}'), coalesce(column_types, '{}'), coalesce(to_regclass(dest_table)::oid, 0)
 FROM ONLY mimeo.refresh_config_logical
-WHERE dblink = $1 AND source_table = format('%I.%I', $2::text, $3::text)
+WHERE dblink = $1 AND source_table IN ($4, format('%I.%I', $2::text, $3::text))
 ORDER BY dest_table
 FOR SHARE`
 
@@ -51,7 +51,9 @@ FOR SHARE`
 // change a table's state under a row lock, so the stream sees each state
 // change between two of its transactions, never inside one.
 func readTargets(ctx context.Context, tx pgx.Tx, dblink int, src ident.Name) ([]*tableConfig, error) {
-	rows, err := tx.Query(ctx, sqlTargets, dblink, src.Schema, src.Table)
+	// The maker records the name as ident.Name.String() does, which does
+	// not quote keywords ("some") as format's %I does: either matches.
+	rows, err := tx.Query(ctx, sqlTargets, dblink, src.Schema, src.Table, src.String())
 	if err != nil {
 		return nil, fmt.Errorf("read config of %s's tables: %w", src, err)
 	}
@@ -89,6 +91,7 @@ type plan struct {
 	keys     []planCol
 	relTypes []string // every relation column's type, for the condition
 	src      DB       // the source, for rows an update brings into the condition
+	stages   *stages  // the stream's staging tables (nil: arrays only)
 }
 
 // tableError is an apply failure that belongs to one table: that table is
