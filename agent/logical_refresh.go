@@ -94,7 +94,7 @@ FROM ONLY mimeo.refresh_config_logical c JOIN mimeo.logical_source s ON s.dblink
 			return ctx.Err()
 		case <-time.After(pause):
 		}
-		pause = min(2*pause, 100*time.Millisecond)
+		pause = min(2*pause, 20*time.Millisecond)
 	}
 }
 

@@ -682,3 +682,71 @@ func TestLogicalTableHandedToAnotherRole(t *testing.T) {
 	e.done(`SELECT mimeo.refresh_logical('public.acc', p_repull => true)`)
 	e.requireSame("public.acc", "public.acc")
 }
+
+// Transactions of thousands of rows travel through staging tables (COPY),
+// in several pieces that reuse them: every statement kind, values COPY's
+// text format must escape, unchanged TOAST, key changes, logdel marks and
+// a condition must come out as the source has them. (public.some is also
+// a keyword-named table: format's %I quotes it, ident's String does not.)
+func TestLogicalStagedBatches(t *testing.T) {
+	t.Parallel()
+	e := setupLogical(t)
+	odd := `public."Odd ""Staged"" Rows"`
+	e.exec(e.app, `CREATE TABLE `+odd+` ("k 1" int, "K2" text, v text, big text, PRIMARY KEY ("k 1", "K2"))`)
+	e.exec(e.app, `ALTER TABLE `+odd+` ALTER COLUMN big SET STORAGE EXTERNAL`)
+	e.exec(e.app, `CREATE TABLE public.kept (id int PRIMARY KEY, v text)`)
+	e.exec(e.app, `CREATE TABLE public.some (id int PRIMARY KEY, status text, body text)`)
+	e.exec(e.app, `ALTER TABLE public.some ALTER COLUMN body SET STORAGE EXTERNAL`)
+	e.exec(e.app, `INSERT INTO public.some SELECT g, 'draft', repeat(md5(g::text), 100) FROM generate_series(1, 3000) g`)
+	e.startAgent(e.config())
+	e.done(`SELECT mimeo.logical_maker($1, $2)`, odd, e.dblink)
+	e.done(`SELECT mimeo.logical_maker('public.kept', $1, p_logdel => true)`, e.dblink)
+	e.done(`SELECT mimeo.logical_maker('public.some', $1, p_condition => 'status = ''published''')`, e.dblink)
+
+	// Values with every character COPY escapes, NULLs, and TOAST.
+	e.exec(e.app, `INSERT INTO `+odd+` SELECT g, E'k\\' || (g % 3), CASE WHEN g % 5 = 0 THEN NULL ELSE E'tab\there\nnew\rline\\back' || g END,
+        CASE WHEN g % 100 = 0 THEN repeat(md5(g::text), 100) END FROM generate_series(1, 20000) g`)
+	e.exec(e.app, `INSERT INTO public.kept SELECT g, 'v' || g FROM generate_series(1, 5000) g`)
+	e.sync(odd)
+	e.requireSame(odd, odd)
+
+	e.exec(e.app, `BEGIN;
+        UPDATE `+odd+` SET v = E'\\N not null' WHERE "k 1" % 2 = 0;
+        UPDATE `+odd+` SET v = 'toast kept' WHERE big IS NOT NULL;
+        UPDATE `+odd+` SET "k 1" = "k 1" + 100000 WHERE "k 1" % 7 = 0 AND big IS NULL;
+        DELETE FROM `+odd+` WHERE "k 1" % 11 = 0;
+        DELETE FROM public.kept WHERE id % 2 = 0;
+        UPDATE public.some SET status = 'published' WHERE id <= 2500;
+        UPDATE public.some SET status = 'draft' WHERE id <= 1000;
+        COMMIT`)
+	for _, table := range []string{odd, "public.kept", "public.some"} {
+		e.sync(table)
+	}
+	e.requireSame(odd, odd)
+	var kept int
+	require.NoError(t, e.dst.QueryRow(e.ctx, `SELECT count(*) FROM `+odd+` WHERE v = 'toast kept' AND length(big) = 3200`).Scan(&kept))
+	require.Positive(t, kept)
+	e.requireSame(`(SELECT * FROM public.kept)`, `(SELECT id, v FROM public.kept WHERE mimeo_source_deleted IS NULL)`)
+	var marked int
+	require.NoError(t, e.dst.QueryRow(e.ctx, `SELECT count(*) FROM public.kept WHERE mimeo_source_deleted IS NOT NULL`).Scan(&marked))
+	require.Equal(t, 2500, marked)
+	e.requireSame(`(SELECT * FROM public.some WHERE status = 'published')`, "public.some")
+}
+
+// A destination where the agent may not make temporary tables still gets
+// large transactions, as array parameters.
+func TestLogicalStagingWithoutTempRight(t *testing.T) {
+	t.Parallel()
+	e := setupLogical(t)
+	e.exec(e.dst, `DO $$ BEGIN EXECUTE format('REVOKE TEMPORARY ON DATABASE %I FROM PUBLIC, CURRENT_USER', current_database()); END $$`)
+	var temp bool
+	require.NoError(t, e.dst.QueryRow(e.ctx, `SELECT has_database_privilege(current_database(), 'TEMP')`).Scan(&temp))
+	require.False(t, temp)
+	e.exec(e.app, `CREATE TABLE public.t (id int PRIMARY KEY, v text)`)
+	e.startAgent(e.config())
+	e.done(`SELECT mimeo.logical_maker('public.t', $1)`, e.dblink)
+	e.exec(e.app, `BEGIN; INSERT INTO public.t SELECT g, md5(g::text) FROM generate_series(1, 5000) g;
+        UPDATE public.t SET v = 'u' WHERE id % 3 = 0; DELETE FROM public.t WHERE id % 4 = 0; COMMIT`)
+	e.sync("public.t")
+	e.requireSame("public.t", "public.t")
+}

@@ -34,6 +34,7 @@ type applier struct {
 
 	// The destination transaction being built.
 	tx      pgx.Tx
+	stages  *stages
 	targets map[*relation][]*target
 	batches map[string]*tableBatch
 	backlog []backlogRow
@@ -50,163 +51,178 @@ type target struct {
 
 func newApplier(s *stream) *applier {
 	return &applier{s: s, rels: map[uint32]*relation{}, types: map[*relation][]string{}, plans: map[string]*plan{},
-		shapes: map[string]string{}, applied: s.start, storedAt: time.Now()}
+		shapes: map[string]string{}, applied: s.start, storedAt: time.Now(), stages: newStages()}
 }
 
-// run consumes items until ctx ends or an error.
-func (a *applier) run(ctx context.Context, items <-chan any) error {
-	var (
-		cur   *txn   // the transaction being received
-		group []*txn // complete transactions not applied yet
-		size  int
-		large bool // cur is being applied in pieces, in a.tx
-		// A group waits up to lingerMax for more transactions once the
-		// stream runs dry: one destination transaction then carries
-		// several, instead of one each at a rate it cannot keep up with.
-		linger     <-chan time.Time
-		groupStart time.Time
-	)
+// run consumes the receiver's batches until ctx ends or an error.
+func (a *applier) run(ctx context.Context, items <-chan []any) error {
 	defer a.rollback(ctx)
-	var pending pglogrepl.LSN // a keepalive's position that arrived behind the group
-	flushGroup := func() error {
-		linger = nil
-		if len(group) == 0 {
-			return nil
-		}
-		err := a.applyGroup(ctx, group)
-		group, size = nil, 0
-		if err != nil {
-			return err
-		}
-		if pending > a.applied {
-			err = a.advance(ctx, pending)
-		}
-		pending = 0
-		return err
-	}
+	r := &runner{a: a}
 	idle := time.NewTicker(250 * time.Millisecond)
 	defer idle.Stop()
 	for {
-		var item any
 		select {
 		case <-ctx.Done():
 			return context.Cause(ctx)
-		case item = <-items:
-		case <-linger:
-			linger = nil
-			if cur == nil {
-				if err := flushGroup(); err != nil {
+		case batch := <-items:
+			for i, item := range batch {
+				// More is coming when this batch or the channel holds it.
+				more := i < len(batch)-1 || len(items) > 0
+				if err := r.handle(ctx, item, more); err != nil {
 					return err
 				}
 			}
-			continue
+		case <-r.linger:
+			r.linger = nil
+			if r.cur == nil {
+				if err := r.flushGroup(ctx); err != nil {
+					return err
+				}
+			}
 		case <-idle.C:
-			if cur == nil {
-				if err := flushGroup(); err != nil {
+			if r.cur == nil {
+				if err := r.flushGroup(ctx); err != nil {
 					return err
 				}
 				if err := a.idleDuties(ctx); err != nil {
 					return err
 				}
 			}
-			continue
-		}
-		switch m := item.(type) {
-		case *pglogrepl.RelationMessage:
-			a.rels[m.RelationID] = relationOf(m)
-		case *pglogrepl.BeginMessage:
-			// A transaction applied before a restart may be sent again.
-			cur = &txn{commitLSN: m.FinalLSN, commitAt: m.CommitTime, skip: m.FinalLSN < a.applied}
-		case *pglogrepl.InsertMessage, *pglogrepl.UpdateMessage, *pglogrepl.DeleteMessage, *pglogrepl.TruncateMessage:
-			if cur == nil {
-				return errors.New("pgoutput sent a change outside a transaction")
-			}
-			if cur.skip {
-				continue
-			}
-			n, err := a.decode(m, cur)
-			if err != nil {
-				return err
-			}
-			cur.size += n
-			if cur.size < a.pieceSize() {
-				continue
-			}
-			// Large: apply it in pieces as it arrives, inside one
-			// destination transaction that commits with the source's (the
-			// receiver reads on meanwhile, and memory stays bounded).
-			if !large {
-				if err := flushGroup(); err != nil {
-					return err
-				}
-				if err := a.begin(ctx); err != nil {
-					return err
-				}
-				large = true
-				a.s.log.Info("applying a large source transaction in pieces", "commit_lsn", cur.commitLSN.String())
-			}
-			if err := a.feed(ctx, cur); err != nil {
-				return a.failed(ctx, err)
-			}
-			if err := a.flushBatches(ctx); err != nil {
-				return a.failed(ctx, err)
-			}
-			if err := a.s.fault("applied a piece"); err != nil {
-				return err
-			}
-			cur.changes, cur.size = cur.changes[:0], 0
-		case *pglogrepl.CommitMessage:
-			if cur == nil {
-				return errors.New("pgoutput sent a commit outside a transaction")
-			}
-			cur.endLSN, cur.commitAt = m.TransactionEndLSN, m.CommitTime
-			done := cur
-			cur = nil
-			if done.skip {
-				continue
-			}
-			if large {
-				large = false
-				if err := a.feed(ctx, done); err != nil {
-					return a.failed(ctx, err)
-				}
-				if err := a.commit(ctx, []*txn{done}); err != nil {
-					return a.failed(ctx, err)
-				}
-				a.s.log.Debug("applied a large source transaction", "commit_lsn", done.commitLSN.String(), "changes", a.changes)
-				continue
-			}
-			if len(group) == 0 {
-				groupStart = time.Now()
-			}
-			group = append(group, done)
-			size += done.size
-			waited := time.Since(groupStart)
-			switch {
-			case size >= a.s.e.cfg.MemoryBudget || len(group) >= 1000 || (len(items) == 0 && waited >= lingerMax):
-				if err := flushGroup(); err != nil {
-					return err
-				}
-			case len(items) == 0 && linger == nil:
-				linger = time.After(lingerMax - waited)
-			}
-		case marker:
-			if cur != nil {
-				continue
-			}
-			if len(group) > 0 {
-				// The walsender says where it is after nearly every
-				// transaction while the source is busy: that must not
-				// cut the group short. It counts once the group is in.
-				pending = max(pending, m.lsn)
-				continue
-			}
-			if err := a.advance(ctx, max(pending, m.lsn)); err != nil {
-				return err
-			}
-			pending = 0
 		}
 	}
+}
+
+// runner is the applier's state between messages.
+type runner struct {
+	a     *applier
+	cur   *txn   // the transaction being received
+	group []*txn // complete transactions not applied yet
+	size  int
+	large bool // cur is being applied in pieces, in a.tx
+	// A group waits up to lingerMax for more transactions once the
+	// stream runs dry: one destination transaction then carries
+	// several, instead of one each at a rate it cannot keep up with.
+	linger     <-chan time.Time
+	groupStart time.Time
+	pending    pglogrepl.LSN // a keepalive's position that arrived behind the group
+}
+
+// flushGroup applies the group, then a keepalive position held behind it.
+func (r *runner) flushGroup(ctx context.Context) error {
+	r.linger = nil
+	if len(r.group) == 0 {
+		return nil
+	}
+	err := r.a.applyGroup(ctx, r.group)
+	r.group, r.size = nil, 0
+	if err != nil {
+		return err
+	}
+	if r.pending > r.a.applied {
+		err = r.a.advance(ctx, r.pending)
+	}
+	r.pending = 0
+	return err
+}
+
+// handle takes one message; more says whether others follow at once.
+func (r *runner) handle(ctx context.Context, item any, more bool) error {
+	a := r.a
+	switch m := item.(type) {
+	case *pglogrepl.RelationMessage:
+		a.rels[m.RelationID] = relationOf(m)
+	case *pglogrepl.BeginMessage:
+		// A transaction applied before a restart may be sent again.
+		r.cur = &txn{commitLSN: m.FinalLSN, commitAt: m.CommitTime, skip: m.FinalLSN < a.applied}
+	case *pglogrepl.InsertMessage, *pglogrepl.UpdateMessage, *pglogrepl.DeleteMessage, *pglogrepl.TruncateMessage:
+		cur := r.cur
+		if cur == nil {
+			return errors.New("pgoutput sent a change outside a transaction")
+		}
+		if cur.skip {
+			return nil
+		}
+		n, err := a.decode(m, cur)
+		if err != nil {
+			return err
+		}
+		cur.size += n
+		if cur.size < a.pieceSize() {
+			return nil
+		}
+		// Large: apply it in pieces as it arrives, inside one
+		// destination transaction that commits with the source's (the
+		// receiver reads on meanwhile, and memory stays bounded).
+		if !r.large {
+			if err := r.flushGroup(ctx); err != nil {
+				return err
+			}
+			if err := a.begin(ctx); err != nil {
+				return err
+			}
+			r.large = true
+			a.s.log.Info("applying a large source transaction in pieces", "commit_lsn", cur.commitLSN.String())
+		}
+		if err := a.feed(ctx, cur); err != nil {
+			return a.failed(ctx, err)
+		}
+		if err := a.flushBatches(ctx); err != nil {
+			return a.failed(ctx, err)
+		}
+		if err := a.s.fault("applied a piece"); err != nil {
+			return err
+		}
+		cur.changes, cur.size = cur.changes[:0], 0
+	case *pglogrepl.CommitMessage:
+		done := r.cur
+		if done == nil {
+			return errors.New("pgoutput sent a commit outside a transaction")
+		}
+		done.endLSN, done.commitAt = m.TransactionEndLSN, m.CommitTime
+		r.cur = nil
+		if done.skip {
+			return nil
+		}
+		if r.large {
+			r.large = false
+			if err := a.feed(ctx, done); err != nil {
+				return a.failed(ctx, err)
+			}
+			if err := a.commit(ctx, []*txn{done}); err != nil {
+				return a.failed(ctx, err)
+			}
+			a.s.log.Debug("applied a large source transaction", "commit_lsn", done.commitLSN.String(), "changes", a.changes)
+			return nil
+		}
+		if len(r.group) == 0 {
+			r.groupStart = time.Now()
+		}
+		r.group = append(r.group, done)
+		r.size += done.size
+		waited := time.Since(r.groupStart)
+		switch {
+		case r.size >= a.s.e.cfg.MemoryBudget || len(r.group) >= 1000 || (!more && waited >= lingerMax):
+			return r.flushGroup(ctx)
+		case !more && r.linger == nil:
+			r.linger = time.After(lingerMax - waited)
+		}
+	case marker:
+		if r.cur != nil {
+			return nil
+		}
+		if len(r.group) > 0 {
+			// The walsender says where it is after nearly every
+			// transaction while the source is busy: that must not
+			// cut the group short. It counts once the group is in.
+			r.pending = max(r.pending, m.lsn)
+			return nil
+		}
+		if err := a.advance(ctx, max(r.pending, m.lsn)); err != nil {
+			return err
+		}
+		r.pending = 0
+	}
+	return nil
 }
 
 // lingerMax is how long a group of transactions waits for more once the
@@ -215,7 +231,7 @@ const lingerMax = 5 * time.Millisecond
 
 // pieceSize is the bytes of one transaction held before it is applied in
 // pieces: a quarter of the budget, so receiving overlaps applying.
-func (a *applier) pieceSize() int { return max(a.s.e.cfg.MemoryBudget/4, 16<<10) }
+func (a *applier) pieceSize() int { return max(min(a.s.e.cfg.MemoryBudget/4, 1<<20), 16<<10) }
 
 // relationOf converts a Relation message.
 func relationOf(m *pglogrepl.RelationMessage) *relation {
@@ -284,6 +300,7 @@ func (a *applier) begin(ctx context.Context) error {
 		return fmt.Errorf("begin destination transaction: %w", err)
 	}
 	a.tx = tx
+	a.stages.begin()
 	a.targets = map[*relation][]*target{}
 	a.batches = map[string]*tableBatch{}
 	a.backlog = nil
@@ -296,6 +313,7 @@ func (a *applier) rollback(ctx context.Context) {
 	if a.tx != nil {
 		_ = a.tx.Rollback(context.WithoutCancel(ctx))
 		a.tx = nil
+		a.stages.rollback()
 	}
 }
 
@@ -395,6 +413,7 @@ func (a *applier) replan(ctx context.Context, tg *target, rel *relation) error {
 	if err != nil {
 		return err
 	}
+	p.stages = a.stages
 	tg.plan = p
 	a.plans[tg.cfg.destText] = p
 	a.shapes[tg.cfg.destText] = tg.cfg.shape()
@@ -439,6 +458,7 @@ func (a *applier) commit(ctx context.Context, done []*txn) error {
 	}
 	if err := a.tx.Commit(ctx); err != nil {
 		a.tx = nil
+		a.stages.rollback()
 		return fmt.Errorf("commit destination transaction: %w", err)
 	}
 	a.tx = nil

@@ -109,6 +109,7 @@ func (a *applier) drain(ctx context.Context, dest string) error {
 	if err != nil {
 		return a.failed(ctx, err)
 	}
+	p.stages = a.stages
 	b := newTableBatch(p)
 	var last int64
 	applied := 0

@@ -10,16 +10,19 @@ import (
 	"github.com/jackc/pgx/v5/pgproto3"
 )
 
+// batchMax is the most messages handed to the applier at once.
+const batchMax = 256
+
 // marker is a keepalive's position, passed on between transactions: when
 // the applier has applied everything before it, the slot may be
 // acknowledged up to it (the source wrote only other tables' changes).
 type marker struct{ lsn pglogrepl.LSN }
 
 // receive reads the replication connection and hands decoded messages to
-// out in order. It alone uses the connection: it also acknowledges the
+// out in order, in batches. It alone uses the connection: it also acknowledges the
 // slot, every StatusInterval and when the server asks, with flush and
 // apply set to what the destination has committed (s.acked).
-func (s *stream) receive(ctx context.Context, out chan<- any) error {
+func (s *stream) receive(ctx context.Context, out chan<- []any) error {
 	var (
 		received   pglogrepl.LSN
 		inTxn      bool
@@ -35,19 +38,28 @@ func (s *stream) receive(ctx context.Context, out chan<- any) error {
 			ReplyRequested:   reply,
 		})
 	}
-	// send hands msg on, acknowledging meanwhile if the applier is slow
-	// (one ticker for that, not a timer per message).
+	// Messages go to the applier in batches (a hand-over per message
+	// costs more than decoding it): a batch is handed over when full, at a
+	// commit or keepalive, and when the connection has nothing to read.
+	var batch []any
+	// flush hands the batch on, acknowledging meanwhile if the applier is
+	// slow (one ticker for that, not a timer per hand-over).
 	slow := time.NewTicker(s.e.cfg.StatusInterval)
 	defer slow.Stop()
-	send := func(msg any) error {
+	flush := func() error {
+		if len(batch) == 0 {
+			return nil
+		}
+		b := batch
+		batch = make([]any, 0, batchMax)
 		select {
-		case out <- msg:
+		case out <- b:
 			return nil
 		default:
 		}
 		for {
 			select {
-			case out <- msg:
+			case out <- b:
 				return nil
 			case <-ctx.Done():
 				return context.Cause(ctx)
@@ -58,17 +70,41 @@ func (s *stream) receive(ctx context.Context, out chan<- any) error {
 			}
 		}
 	}
+	send := func(msg any, now bool) error {
+		batch = append(batch, msg)
+		if now || len(batch) >= batchMax {
+			return flush()
+		}
+		return nil
+	}
+	// One read deadline for many reads (a context per read costs a timer
+	// and a watcher each): the receiver wakes at least every 100 ms to
+	// acknowledge when due, and to notice ctx's end.
+	conn := s.repl.Conn()
+	var wake time.Time
+	defer func() { _ = conn.SetReadDeadline(time.Time{}) }()
 	for {
 		if reply := s.replyQ.Swap(false); reply || time.Now().After(nextStatus) {
 			if err := status(reply); err != nil {
 				return fmt.Errorf("acknowledge slot: %w", err)
 			}
 		}
-		rctx, cancel := context.WithTimeout(ctx, 100*time.Millisecond)
-		raw, err := s.repl.ReceiveMessage(rctx)
-		cancel()
+		if ctx.Err() != nil {
+			return context.Cause(ctx)
+		}
+		if wake.IsZero() {
+			wake = time.Now().Add(100 * time.Millisecond)
+			if err := conn.SetReadDeadline(wake); err != nil {
+				return fmt.Errorf("receive from slot: %w", err)
+			}
+		}
+		raw, err := s.repl.ReceiveMessage(context.Background())
 		if err != nil {
+			wake = time.Time{}
 			if pgconn.Timeout(err) && ctx.Err() == nil {
+				if err := flush(); err != nil {
+					return err
+				}
 				continue
 			}
 			if ctx.Err() != nil {
@@ -99,7 +135,7 @@ func (s *stream) receive(ctx context.Context, out chan<- any) error {
 			// same place still says the stream is current).
 			if !inTxn && k.ServerWALEnd >= pglogrepl.LSN(s.acked.Load()) {
 				received = max(received, k.ServerWALEnd)
-				if err := send(marker{lsn: k.ServerWALEnd}); err != nil {
+				if err := send(marker{lsn: k.ServerWALEnd}, true); err != nil {
 					return err
 				}
 			}
@@ -115,14 +151,15 @@ func (s *stream) receive(ctx context.Context, out chan<- any) error {
 			if err != nil {
 				return fmt.Errorf("decode pgoutput message: %w", err)
 			}
+			commit := false
 			switch m := msg.(type) {
 			case *pglogrepl.BeginMessage:
 				inTxn = true
 			case *pglogrepl.CommitMessage:
-				inTxn = false
+				inTxn, commit = false, true
 				received = max(received, m.TransactionEndLSN)
 			}
-			if err := send(msg); err != nil {
+			if err := send(msg, commit); err != nil {
 				return err
 			}
 		}

@@ -36,9 +36,21 @@ type arrays struct {
 	cols [][]*string
 }
 
-func newArrays(n int) *arrays {
+// newArrays makes n columns with room for rows values each.
+func newArrays(n, rows int) *arrays {
 	a := &arrays{cols: make([][]*string, n)}
+	for i := range a.cols {
+		a.cols[i] = make([]*string, 0, rows)
+	}
 	return a
+}
+
+// len is the number of rows held.
+func (a *arrays) len() int {
+	if len(a.cols) == 0 {
+		return 0
+	}
+	return len(a.cols[0])
 }
 
 // unnest is "unnest($1::text[], ...) AS u(c0, ...)", numbering parameters
@@ -99,12 +111,15 @@ func (b *tableBatch) applySegment(ctx context.Context, tx pgx.Tx, s *segment) (i
 		if len(set) == 0 {
 			continue
 		}
-		a := p.keyArrays(set)
-		q := "DELETE FROM " + d + " d USING " + a.unnest(0) + " WHERE " + p.keyMatch(0)
+		from, args, err := p.stages.rows(ctx, tx, p.keyArrays(set))
+		if err != nil {
+			return 0, err
+		}
+		q := "DELETE FROM " + d + " d USING " + from + " WHERE " + p.keyMatch(0)
 		if i == 1 {
 			q += live
 		}
-		if _, err := tx.Exec(ctx, q, a.params()...); err != nil {
+		if _, err := tx.Exec(ctx, q, args...); err != nil {
 			return 0, fmt.Errorf("delete changed rows: %w", err)
 		}
 	}
@@ -134,7 +149,7 @@ func (p *plan) liveOnly() string {
 
 // keyArrays puts keys into column-major arrays.
 func (p *plan) keyArrays(keys [][]*string) *arrays {
-	a := newArrays(len(p.keys))
+	a := newArrays(len(p.keys), len(keys))
 	for _, k := range keys {
 		for i := range p.keys {
 			a.cols[i] = append(a.cols[i], k[i])
@@ -236,14 +251,21 @@ func (p *plan) insertRows(ctx context.Context, tx pgx.Tx, s *segment, withCondit
 			srcCols = append(srcCols, c.src)
 		}
 	}
-	a := newArrays(len(srcCols) + 1)
 	count := 0
+	for _, k := range s.order {
+		if s.ops[k].kind == rowFull {
+			count++
+		}
+	}
+	if count == 0 {
+		return 0, nil
+	}
+	a := newArrays(len(srcCols)+1, count)
 	for _, k := range s.order {
 		op := s.ops[k]
 		if op.kind != rowFull {
 			continue
 		}
-		count++
 		for i, j := range srcCols {
 			var v *string
 			if j < len(op.tuple) {
@@ -253,8 +275,9 @@ func (p *plan) insertRows(ctx context.Context, tx pgx.Tx, s *segment, withCondit
 		}
 		a.cols[len(srcCols)] = append(a.cols[len(srcCols)], op.deletedAt)
 	}
-	if count == 0 {
-		return 0, nil
+	from, args, err := p.stages.rows(ctx, tx, a)
+	if err != nil {
+		return 0, err
 	}
 	var picks, names []string
 	for i, j := range srcCols {
@@ -273,14 +296,14 @@ func (p *plan) insertRows(ctx context.Context, tx pgx.Tx, s *segment, withCondit
 		target += ", " + ident.Quote(DeletedColumn)
 	}
 	q := "INSERT INTO " + p.cfg.dest.Sanitize() + " (" + target + ") SELECT " + target + " FROM (SELECT " + strings.Join(picks, ", ") +
-		" FROM " + a.unnest(0) + ") s"
+		" FROM " + from + ") s"
 	if cond != "" {
 		q += " WHERE " + cond
 	}
 	if merge {
-		q = p.mergeSQL(picks, a.unnest(0), cond)
+		q = p.mergeSQL(picks, from, cond)
 	}
-	tag, err := tx.Exec(ctx, q, a.params()...)
+	tag, err := tx.Exec(ctx, q, args...)
 	if err != nil {
 		return 0, fmt.Errorf("insert changed rows: %w", err)
 	}
@@ -350,7 +373,10 @@ func (p *plan) updateRows(ctx context.Context, tx pgx.Tx, ops []*rowOp, from [][
 			sent = append(sent, c)
 		}
 	}
-	a := newArrays(len(p.keys) + len(sent))
+	if len(sent) == 0 {
+		return 0, nil
+	}
+	a := newArrays(len(p.keys)+len(sent), len(ops))
 	for n, op := range ops {
 		key := op.key
 		if from != nil {
@@ -363,16 +389,17 @@ func (p *plan) updateRows(ctx context.Context, tx pgx.Tx, ops []*rowOp, from [][
 			a.cols[len(p.keys)+i] = append(a.cols[len(p.keys)+i], op.tuple[c.src])
 		}
 	}
-	if len(sent) == 0 {
-		return 0, nil
+	rows, args, err := p.stages.rows(ctx, tx, a)
+	if err != nil {
+		return 0, err
 	}
 	var sets []string
 	for i, c := range sent {
 		sets = append(sets, ident.Quote(c.name)+" = u.c"+strconv.Itoa(len(p.keys)+i)+"::"+c.typ)
 	}
 	d := p.cfg.dest.Sanitize()
-	update := "UPDATE " + d + " d SET " + strings.Join(sets, ", ") + " FROM " + a.unnest(0) + " WHERE " + p.keyMatch(0) + live
-	tag, err := tx.Exec(ctx, update, a.params()...)
+	update := "UPDATE " + d + " d SET " + strings.Join(sets, ", ") + " FROM " + rows + " WHERE " + p.keyMatch(0) + live
+	tag, err := tx.Exec(ctx, update, args...)
 	if err != nil {
 		return 0, fmt.Errorf("update changed rows: %w", err)
 	}
@@ -427,7 +454,11 @@ func (p *plan) fetchRows(ctx context.Context, tx pgx.Tx, keys [][]*string) error
 	// What the keys have goes (logdel: their live rows; a row out of the
 	// condition leaves the copy), then the source's rows come in.
 	live := p.liveOnly()
-	if _, err := tx.Exec(ctx, "DELETE FROM "+p.cfg.dest.Sanitize()+" d USING "+ka.unnest(0)+" WHERE "+p.keyMatch(0)+live, ka.params()...); err != nil {
+	from, args, err := p.stages.rows(ctx, tx, ka)
+	if err != nil {
+		return err
+	}
+	if _, err := tx.Exec(ctx, "DELETE FROM "+p.cfg.dest.Sanitize()+" d USING "+from+" WHERE "+p.keyMatch(0)+live, args...); err != nil {
 		return fmt.Errorf("replace updated rows: %w", err)
 	}
 	if len(seg.order) == 0 {
@@ -447,24 +478,32 @@ func opKeys(ops []*rowOp) [][]*string {
 
 // markDeleted marks the live rows of deleted keys (logdel).
 func (p *plan) markDeleted(ctx context.Context, tx pgx.Tx, s *segment, live string) (int64, error) {
-	a := newArrays(len(p.keys) + 1)
 	count := 0
+	for _, k := range s.order {
+		if s.ops[k].kind == rowMark {
+			count++
+		}
+	}
+	if count == 0 {
+		return 0, nil
+	}
+	a := newArrays(len(p.keys)+1, count)
 	for _, k := range s.order {
 		op := s.ops[k]
 		if op.kind != rowMark {
 			continue
 		}
-		count++
 		for i := range p.keys {
 			a.cols[i] = append(a.cols[i], op.key[i])
 		}
 		a.cols[len(p.keys)] = append(a.cols[len(p.keys)], op.deletedAt)
 	}
-	if count == 0 {
-		return 0, nil
+	from, args, err := p.stages.rows(ctx, tx, a)
+	if err != nil {
+		return 0, err
 	}
 	tag, err := tx.Exec(ctx, "UPDATE "+p.cfg.dest.Sanitize()+" d SET "+ident.Quote(DeletedColumn)+" = u.c"+strconv.Itoa(len(p.keys))+
-		"::timestamptz FROM "+a.unnest(0)+" WHERE "+p.keyMatch(0)+live, a.params()...)
+		"::timestamptz FROM "+from+" WHERE "+p.keyMatch(0)+live, args...)
 	if err != nil {
 		return 0, fmt.Errorf("mark deleted rows: %w", err)
 	}

@@ -36,9 +36,11 @@ func (s *stream) run(ctx context.Context) error {
 	dcfg := s.e.dst.Config().ConnConfig.Copy()
 	dcfg.RuntimeParams["application_name"] = "mimeo-agent logical"
 	// A batch joins a few keys against a large table: probing its key
-	// index beats hashing the table, whatever the estimates say.
+	// index beats hashing the table, whatever the estimates say; and its
+	// keys are distinct, so caching probes (memoize) only costs.
 	dcfg.RuntimeParams["enable_hashjoin"] = "off"
 	dcfg.RuntimeParams["enable_mergejoin"] = "off"
+	dcfg.RuntimeParams["enable_memoize"] = "off"
 	dst, err := pgx.ConnectConfig(ctx, dcfg)
 	if err != nil {
 		return fmt.Errorf("connect to destination: %w", err)
@@ -100,7 +102,7 @@ FROM mimeo.logical_source WHERE dblink = $1`, s.dblink).Scan(&s.names.Slot, &s.n
 
 	ctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
-	items := make(chan any, 16384)
+	items := make(chan []any, 64) // batches of up to batchMax messages
 	recvDone := make(chan error, 1)
 	go func() {
 		err := s.receive(ctx, items)
