@@ -55,7 +55,7 @@ func newApplier(s *stream) *applier {
 }
 
 // run consumes the receiver's batches until ctx ends or an error.
-func (a *applier) run(ctx context.Context, items <-chan []any) error {
+func (a *applier) run(ctx context.Context, items *handover) error {
 	defer a.rollback(ctx)
 	r := &runner{a: a}
 	idle := time.NewTicker(250 * time.Millisecond)
@@ -64,14 +64,15 @@ func (a *applier) run(ctx context.Context, items <-chan []any) error {
 		select {
 		case <-ctx.Done():
 			return context.Cause(ctx)
-		case batch := <-items:
+		case batch := <-items.ch:
 			for i, item := range batch {
-				// More is coming when this batch or the channel holds it.
-				more := i < len(batch)-1 || len(items) > 0
+				// More is coming when this batch or the hand-over holds it.
+				more := i < len(batch)-1 || items.pending()
 				if err := r.handle(ctx, item, more); err != nil {
 					return err
 				}
 			}
+			items.done(batch)
 		case <-r.linger:
 			r.linger = nil
 			if r.cur == nil {

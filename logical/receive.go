@@ -22,7 +22,7 @@ type marker struct{ lsn pglogrepl.LSN }
 // out in order, in batches. It alone uses the connection: it also acknowledges the
 // slot, every StatusInterval and when the server asks, with flush and
 // apply set to what the destination has committed (s.acked).
-func (s *stream) receive(ctx context.Context, out chan<- []any) error {
+func (s *stream) receive(ctx context.Context, out *handover) error {
 	var (
 		received   pglogrepl.LSN
 		inTxn      bool
@@ -51,24 +51,13 @@ func (s *stream) receive(ctx context.Context, out chan<- []any) error {
 			return nil
 		}
 		b := batch
-		batch = make([]any, 0, batchMax)
-		select {
-		case out <- b:
-			return nil
-		default:
-		}
-		for {
-			select {
-			case out <- b:
-				return nil
-			case <-ctx.Done():
-				return context.Cause(ctx)
-			case <-slow.C:
-				if err := status(false); err != nil {
-					return fmt.Errorf("acknowledge slot: %w", err)
-				}
+		batch = nil
+		return out.put(ctx, b, slow.C, func() error {
+			if err := status(false); err != nil {
+				return fmt.Errorf("acknowledge slot: %w", err)
 			}
-		}
+			return nil
+		})
 	}
 	send := func(msg any, now bool) error {
 		batch = append(batch, msg)

@@ -102,7 +102,7 @@ FROM mimeo.logical_source WHERE dblink = $1`, s.dblink).Scan(&s.names.Slot, &s.n
 
 	ctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
-	items := make(chan []any, 64) // batches of up to batchMax messages
+	items := newHandover()
 	recvDone := make(chan error, 1)
 	go func() {
 		err := s.receive(ctx, items)
