@@ -140,6 +140,7 @@ func (a *Agent) Run(parent context.Context) error {
 	}
 	a.log.Info("agent started", "agent_id", a.agentID(), "workers", a.cfg.Workers, "version", Version)
 	bg.Go(func() { a.heartbeat(bgCtx) })
+	bg.Go(func() { a.housekeeping(bgCtx) })
 	bg.Go(func() { a.logical.Run(bgCtx) })
 
 	a.serve(ctx, listener.C())

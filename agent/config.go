@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strconv"
+	"strings"
 	"time"
 
 	"github.com/sethvargo/go-envconfig"
@@ -42,6 +44,12 @@ type Config struct {
 	// LogicalMemory bounds the bytes of changes a stream holds before
 	// applying them; a larger source transaction is applied in pieces.
 	LogicalMemory int `env:"MIMEO_LOGICAL_MEMORY, default=16777216"`
+	// Retention is how long finished requests, job logs and stopped agents'
+	// rows are kept; older ones are deleted in small batches. 0 keeps them.
+	Retention RetentionPeriod `env:"MIMEO_RETENTION, default=30d"`
+	// HousekeepingInterval is how often an agent deletes rows older than
+	// Retention.
+	HousekeepingInterval time.Duration `env:"MIMEO_HOUSEKEEPING_INTERVAL, default=1h"`
 	// MetricsAddr, when set, serves Prometheus metrics at http://<addr>/metrics.
 	MetricsAddr string `env:"MIMEO_METRICS_ADDR"`
 	// LogLevel is trace, debug, info, warn or error.
@@ -100,6 +108,12 @@ func (c Config) Validate() error {
 	if c.AgentTimeout > 0 && c.AgentTimeout < 2*c.HeartbeatInterval {
 		errs = append(errs, fmt.Errorf("MIMEO_AGENT_TIMEOUT (%s) must be at least twice MIMEO_HEARTBEAT_INTERVAL (%s)", c.AgentTimeout, c.HeartbeatInterval))
 	}
+	if c.Retention < 0 {
+		errs = append(errs, fmt.Errorf("MIMEO_RETENTION must not be negative (0 keeps everything), got %s", time.Duration(c.Retention)))
+	}
+	if c.Retention > 0 && c.HousekeepingInterval <= 0 {
+		errs = append(errs, fmt.Errorf("MIMEO_HOUSEKEEPING_INTERVAL must be positive, got %s", c.HousekeepingInterval))
+	}
 	if c.MaxAttempts < 1 {
 		errs = append(errs, fmt.Errorf("MIMEO_MAX_ATTEMPTS must be at least 1, got %d", c.MaxAttempts))
 	}
@@ -112,4 +126,26 @@ func (c Config) Validate() error {
 		errs = append(errs, fmt.Errorf("MIMEO_LOG_LEVEL must be trace, debug, info, warn or error, got %q", c.LogLevel))
 	}
 	return errors.Join(errs...)
+}
+
+// RetentionPeriod is a duration that may also be given in days ("30d").
+type RetentionPeriod time.Duration
+
+// EnvDecode reads "30d", or any time.ParseDuration form ("36h").
+func (r *RetentionPeriod) EnvDecode(v string) error {
+	v = strings.TrimSpace(v)
+	if days, ok := strings.CutSuffix(v, "d"); ok {
+		n, err := strconv.ParseFloat(days, 64)
+		if err != nil {
+			return fmt.Errorf("MIMEO_RETENTION: %q is not a number of days", v)
+		}
+		*r = RetentionPeriod(n * float64(24*time.Hour))
+		return nil
+	}
+	d, err := time.ParseDuration(v)
+	if err != nil {
+		return fmt.Errorf("MIMEO_RETENTION: %q is neither days (30d) nor a duration (36h)", v)
+	}
+	*r = RetentionPeriod(d)
+	return nil
 }
