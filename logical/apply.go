@@ -231,7 +231,8 @@ func (r *runner) handle(ctx context.Context, item any, more bool) error {
 const lingerMax = 5 * time.Millisecond
 
 // pieceSize is the bytes of one transaction held before it is applied in
-// pieces: a quarter of the budget, so receiving overlaps applying.
+// pieces: a quarter of the budget, so receiving overlaps applying, and at
+// most 1 MB, so that little is left to apply once its commit arrives.
 func (a *applier) pieceSize() int { return max(min(a.s.e.cfg.MemoryBudget/4, 1<<20), 16<<10) }
 
 // relationOf converts a Relation message.
@@ -410,15 +411,25 @@ func (a *applier) replan(ctx context.Context, tg *target, rel *relation) error {
 		}
 		a.types[rel] = types
 	}
-	p, err := buildPlan(ctx, a.tx, a.s.src, tg.cfg, rel, types)
+	p, err := a.buildPlan(ctx, tg.cfg, rel, types)
 	if err != nil {
 		return err
 	}
-	p.stages = a.stages
 	tg.plan = p
 	a.plans[tg.cfg.destText] = p
 	a.shapes[tg.cfg.destText] = tg.cfg.shape()
 	return nil
+}
+
+// buildPlan builds, in the current transaction, the plan of cfg for rel;
+// its statements use the stream's staging tables.
+func (a *applier) buildPlan(ctx context.Context, cfg *tableConfig, rel *relation, types []string) (*plan, error) {
+	p, err := buildPlan(ctx, a.tx, a.s.src, cfg, rel, types)
+	if err != nil {
+		return nil, err
+	}
+	p.stages = a.stages
+	return p, nil
 }
 
 // flushBatches applies what the batches hold, inside the transaction.

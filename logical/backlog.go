@@ -105,11 +105,10 @@ func (a *applier) drain(ctx context.Context, dest string) error {
 	if err != nil {
 		return err
 	}
-	p, err := buildPlan(ctx, a.tx, a.s.src, cfg, rel, types)
+	p, err := a.buildPlan(ctx, cfg, rel, types)
 	if err != nil {
 		return a.failed(ctx, err)
 	}
-	p.stages = a.stages
 	b := newTableBatch(p)
 	var last int64
 	applied := 0

@@ -69,6 +69,17 @@ func (s *segment) put(k string, op *rowOp) {
 	s.ops[k] = op
 }
 
+// count is the number of the segment's row operations of kind.
+func (s *segment) count(kind int) int {
+	n := 0
+	for _, k := range s.order {
+		if s.ops[k].kind == kind {
+			n++
+		}
+	}
+	return n
+}
+
 // keyOf extracts the key values of a tuple (relation order).
 func (p *plan) keyOf(t []*string) ([]*string, string) {
 	vals := make([]*string, len(p.keys))

@@ -19,9 +19,10 @@ const batchMax = 256
 type marker struct{ lsn pglogrepl.LSN }
 
 // receive reads the replication connection and hands decoded messages to
-// out in order, in batches. It alone uses the connection: it also acknowledges the
-// slot, every StatusInterval and when the server asks, with flush and
-// apply set to what the destination has committed (s.acked).
+// out in order, in batches. It alone uses the connection: it also
+// acknowledges the slot, every StatusInterval and when the server asks,
+// with flush and apply set to what the destination has committed
+// (s.acked).
 func (s *stream) receive(ctx context.Context, out *handover) error {
 	var (
 		received   pglogrepl.LSN
@@ -40,7 +41,7 @@ func (s *stream) receive(ctx context.Context, out *handover) error {
 	}
 	// Messages go to the applier in batches (a hand-over per message
 	// costs more than decoding it): a batch is handed over when full, at a
-	// commit or keepalive, and when the connection has nothing to read.
+	// commit or keepalive, and when a read window passes without data.
 	var batch []any
 	// flush hands the batch on, acknowledging meanwhile if the applier is
 	// slow (one ticker for that, not a timer per hand-over).

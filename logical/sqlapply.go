@@ -251,12 +251,7 @@ func (p *plan) insertRows(ctx context.Context, tx pgx.Tx, s *segment, withCondit
 			srcCols = append(srcCols, c.src)
 		}
 	}
-	count := 0
-	for _, k := range s.order {
-		if s.ops[k].kind == rowFull {
-			count++
-		}
-	}
+	count := s.count(rowFull)
 	if count == 0 {
 		return 0, nil
 	}
@@ -478,12 +473,7 @@ func opKeys(ops []*rowOp) [][]*string {
 
 // markDeleted marks the live rows of deleted keys (logdel).
 func (p *plan) markDeleted(ctx context.Context, tx pgx.Tx, s *segment, live string) (int64, error) {
-	count := 0
-	for _, k := range s.order {
-		if s.ops[k].kind == rowMark {
-			count++
-		}
-	}
+	count := s.count(rowMark)
 	if count == 0 {
 		return 0, nil
 	}
