@@ -50,6 +50,9 @@ type Config struct {
 	// HousekeepingInterval is how often an agent deletes rows older than
 	// Retention.
 	HousekeepingInterval time.Duration `env:"MIMEO_HOUSEKEEPING_INTERVAL, default=1h"`
+	// ValidateChunkRows is how many source rows one chunk of validate()
+	// compares by checksum (and a repair re-pulls at least).
+	ValidateChunkRows int `env:"MIMEO_VALIDATE_CHUNK_ROWS, default=10000"`
 	// MetricsAddr, when set, serves Prometheus metrics at http://<addr>/metrics.
 	MetricsAddr string `env:"MIMEO_METRICS_ADDR"`
 	// LogLevel is trace, debug, info, warn or error.
@@ -113,6 +116,9 @@ func (c Config) Validate() error {
 	}
 	if c.Retention > 0 && c.HousekeepingInterval <= 0 {
 		errs = append(errs, fmt.Errorf("MIMEO_HOUSEKEEPING_INTERVAL must be positive, got %s", c.HousekeepingInterval))
+	}
+	if c.ValidateChunkRows < 0 {
+		errs = append(errs, fmt.Errorf("MIMEO_VALIDATE_CHUNK_ROWS must be positive, got %d", c.ValidateChunkRows))
 	}
 	if c.MaxAttempts < 1 {
 		errs = append(errs, fmt.Errorf("MIMEO_MAX_ATTEMPTS must be at least 1, got %d", c.MaxAttempts))

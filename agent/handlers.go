@@ -39,5 +39,11 @@ func (a *Agent) registerHandlers() map[string]handler {
 		"logical_maker":      {job: "Logical Maker", run: a.makeLogical},
 		"refresh_logical":    {job: "Refresh Logical", run: a.refreshLogical},
 		"logical_destroyer":  {job: "Logical Destroyer", run: a.destroyLogical},
+
+		"validate":                    {job: "Validate", run: a.validateTable},
+		"validate_rowcount":           {job: "Validate Rowcount", run: a.validateRowcount},
+		"check_source_columns":        {job: "Check Source Columns", run: a.checkSourceColumns, global: true},
+		"check_missing_source_tables": {job: "Check Missing Source Tables", run: a.checkMissingSourceTables, global: true},
+		"snapshot_monitor":            {job: "Snapshot Monitor", run: a.snapshotMonitor, global: true},
 	}
 }

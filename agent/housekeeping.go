@@ -18,16 +18,18 @@ const sqlHousekeepLock = `SELECT pg_try_advisory_xact_lock(mimeo.agent_lock_key(
 // with time) and deletes those finished before the cutoff; it says how
 // many went, where it stopped, and whether the rows it saw were all older
 // than the cutoff (so that older rows may follow). A table's newest
-// request and newest successful job stay whatever their age, so that
-// refresh_status still shows its last success and its last error.
+// request and newest successful job (checks aside) and its newest check of
+// each kind stay whatever their age, so that refresh_status still shows
+// its last success, last error and last check.
 const (
 	sqlClearRequests = `
 WITH b AS (SELECT id, requested_at FROM mimeo.request WHERE id > $1 ORDER BY id LIMIT $3),
 gone AS (
     DELETE FROM mimeo.request r USING b
     WHERE r.id = b.id AND r.status IN ('done', 'failed', 'skipped') AND r.finished_at < $2
-      AND (r.dest_table IS NULL OR EXISTS (
-          SELECT 1 FROM mimeo.request n WHERE n.dest_table = r.dest_table AND n.id > r.id))
+      AND (r.dest_table IS NULL OR mimeo.is_check_action(r.action) OR EXISTS (
+          SELECT 1 FROM mimeo.request n
+          WHERE n.dest_table = r.dest_table AND n.id > r.id AND NOT mimeo.is_check_action(n.action)))
     RETURNING r.id)
 SELECT (SELECT count(*) FROM gone), coalesce((SELECT max(id) FROM b), $1),
        coalesce((SELECT count(*) = $3 AND max(requested_at) < $2 FROM b), false)`
@@ -36,11 +38,22 @@ WITH b AS (SELECT job_id, start_time FROM mimeo.job_log WHERE job_id > $1 ORDER 
 gone AS (
     DELETE FROM mimeo.job_log j USING b
     WHERE j.job_id = b.job_id AND j.status <> 'RUNNING' AND j.end_time < $2
-      AND (j.dest_table IS NULL OR EXISTS (
-          SELECT 1 FROM mimeo.job_log n WHERE n.dest_table = j.dest_table AND n.job_id > j.job_id AND n.status = 'OK'))
+      AND (j.dest_table IS NULL OR mimeo.is_check_job(j.job_name) OR EXISTS (
+          SELECT 1 FROM mimeo.job_log n
+          WHERE n.dest_table = j.dest_table AND n.job_id > j.job_id AND n.status = 'OK' AND NOT mimeo.is_check_job(n.job_name)))
     RETURNING j.job_id)
 SELECT (SELECT count(*) FROM gone), coalesce((SELECT max(job_id) FROM b), $1),
        coalesce((SELECT count(*) = $3 AND max(start_time) < $2 FROM b), false)`
+	sqlClearChecks = `
+WITH b AS (SELECT id, checked_at FROM mimeo.validation WHERE id > $1 ORDER BY id LIMIT $3),
+gone AS (
+    DELETE FROM mimeo.validation v USING b
+    WHERE v.id = b.id AND v.checked_at < $2
+      AND (v.dest_table IS NULL OR EXISTS (
+          SELECT 1 FROM mimeo.validation n WHERE n.dest_table = v.dest_table AND n.kind = v.kind AND n.id > v.id))
+    RETURNING v.id)
+SELECT (SELECT count(*) FROM gone), coalesce((SELECT max(id) FROM b), $1),
+       coalesce((SELECT count(*) = $3 AND max(checked_at) < $2 FROM b), false)`
 	sqlClearAgents = `
 WITH gone AS (
     DELETE FROM mimeo.agent WHERE status IN ('stopped', 'dead') AND last_seen < $1 RETURNING id)
@@ -48,8 +61,8 @@ SELECT count(*) FROM gone`
 )
 
 // housekeeping deletes, every HousekeepingInterval, finished requests, job
-// logs (with their steps) and stopped agents' rows older than Retention
-// (each table's newest request and newest successful job stay).
+// logs (with their steps), validation results and stopped agents' rows
+// older than Retention (each table's newest of each stay; see above).
 func (a *Agent) housekeeping(ctx context.Context) {
 	if a.cfg.Retention <= 0 || a.cfg.HousekeepingInterval <= 0 {
 		return
@@ -79,13 +92,17 @@ func (a *Agent) housekeep(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("clear job logs: %w", err)
 	}
+	checks, err := a.clearOld(ctx, sqlClearChecks, cutoff)
+	if err != nil {
+		return fmt.Errorf("clear validation results: %w", err)
+	}
 	var agents int64
 	if err := a.pool.QueryRow(ctx, sqlClearAgents, cutoff).Scan(&agents); err != nil {
 		return fmt.Errorf("clear stopped agents: %w", err)
 	}
-	if requests+jobs+agents > 0 {
+	if requests+jobs+checks+agents > 0 {
 		a.log.Info("cleared rows older than the retention", "retention", time.Duration(a.cfg.Retention).String(),
-			"requests", requests, "job_logs", jobs, "agents", agents)
+			"requests", requests, "job_logs", jobs, "validations", checks, "agents", agents)
 	}
 	return nil
 }

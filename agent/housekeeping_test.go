@@ -10,8 +10,8 @@ import (
 	"github.com/mimeo-dev/mimeo/agent"
 )
 
-// Finished requests, job logs (with their steps) and stopped agents' rows
-// older than MIMEO_RETENTION go, in batches; unfinished and recent ones stay.
+// Finished requests, job logs (with their steps), validation results and
+// stopped agents' rows older than MIMEO_RETENTION go, in batches; unfinished and recent ones stay.
 func TestRetentionClearsOldRowsOnly(t *testing.T) {
 	t.Parallel()
 	e := setup(t)
@@ -41,6 +41,15 @@ SELECT 'refresh_snap', 'public.monthly', 'failed', `+old+`, `+old+`, `+old+`, 'o
 	e.exec(e.dst, `INSERT INTO mimeo.job_log (job_name, dest_table, start_time, end_time, status)
 SELECT 'monthly job', 'public.monthly', `+old+`, `+old+`, s FROM unnest(array['OK', 'OK', 'CRITICAL']) s`)
 	e.exec(e.dst, `INSERT INTO mimeo.agent (host, pid, version, status, started_at, last_seen) VALUES ('gone', 1, 'x', 'stopped', `+old+`, `+old+`)`)
+	// Checks: old results go but each table's newest of each kind; a newer
+	// check does not push out the table's last successful refresh.
+	e.exec(e.dst, `INSERT INTO mimeo.validation (dest_table, kind, ok, checked_at, detail)
+SELECT CASE WHEN g % 2 = 0 THEN 'public.monthly' END, k, true, `+old+`, 'old check'
+FROM generate_series(1, 1200) g, unnest(array['rowcount', 'checksum']) k`)
+	e.exec(e.dst, `INSERT INTO mimeo.job_log (job_name, dest_table, start_time, end_time, status)
+SELECT 'Validate: public.monthly', 'public.monthly', `+old+`, `+old+`, 'OK' FROM generate_series(1, 3)`)
+	e.exec(e.dst, `INSERT INTO mimeo.request (action, dest_table, status, requested_at, started_at, finished_at, message)
+SELECT 'validate', 'public.monthly', 'done', `+old+`, `+old+`, `+old+`, 'old check' FROM generate_series(1, 3)`)
 
 	cfg := e.config()
 	cfg.Retention = agent.RetentionPeriod(30 * 24 * time.Hour)
@@ -53,9 +62,11 @@ SELECT 'monthly job', 'public.monthly', `+old+`, `+old+`, s FROM unnest(array['O
 		return n
 	}
 	require.Eventually(t, func() bool {
-		return count(`SELECT count(*) FROM mimeo.request WHERE message = 'old'`) == 0 &&
-			count(`SELECT count(*) FROM mimeo.job_log WHERE job_name = 'old job'`) == 0
-	}, 30*time.Second, 50*time.Millisecond, "old finished requests and job logs are cleared")
+		return count(`SELECT count(*) FROM mimeo.request WHERE message IN ('old', 'old check')`) == 0 &&
+			count(`SELECT count(*) FROM mimeo.job_log WHERE job_name IN ('old job', 'Validate: public.monthly')`) == 0 &&
+			count(`SELECT count(*) FROM mimeo.validation`) == 2
+	}, 30*time.Second, 50*time.Millisecond, "old finished requests, job logs and checks are cleared")
+	require.Equal(t, 2, count(`SELECT count(DISTINCT kind) FROM mimeo.validation WHERE dest_table = 'public.monthly'`), "a table's newest check of each kind stays")
 	require.Equal(t, 0, count(`SELECT count(*) FROM mimeo.job_detail d LEFT JOIN mimeo.job_log j USING (job_id) WHERE j.job_id IS NULL`), "steps go with their job")
 	require.Equal(t, 2, count(`SELECT count(*) FROM mimeo.request WHERE id IN (`+fmt.Sprint(running)+`, `+fmt.Sprint(recent)+`)`), "unfinished and recent requests stay")
 	require.Equal(t, 2, count(`SELECT count(*) FROM mimeo.job_log WHERE job_name IN ('old running job', 'recent job')`))

@@ -144,10 +144,15 @@ func TestOperatorRoleNeedsOnlyExecute(t *testing.T) {
 
 	e.exec(e.dst, `GRANT USAGE ON SCHEMA mimeo TO operator`)
 	// Exactly the grants the README gives.
-	e.exec(e.dst, `GRANT EXECUTE ON FUNCTION mimeo.refresh_snap(text, boolean, boolean, boolean), mimeo.wait(bigint, interval),
+	e.exec(e.dst, `GRANT EXECUTE ON FUNCTION mimeo.refresh_snap(text, boolean, boolean, boolean, boolean), mimeo.wait(bigint, interval),
     mimeo.wait_poll(bigint, timestamptz, interval) TO operator`)
-	e.exec(e.dst, `GRANT EXECUTE ON PROCEDURE mimeo.refresh_snap_wait(text, boolean, boolean, boolean, interval),
+	e.exec(e.dst, `GRANT EXECUTE ON PROCEDURE mimeo.refresh_snap_wait(text, boolean, boolean, boolean, interval, boolean),
     mimeo.commit_and_wait(bigint, interval) TO operator`)
+	e.exec(e.dst, `GRANT EXECUTE ON FUNCTION mimeo.notice_steps(bigint, integer) TO operator`)
+	e.exec(e.dst, `GRANT EXECUTE ON FUNCTION mimeo.validate(text, boolean, boolean), mimeo.report_validation(bigint) TO operator`)
+	e.exec(e.dst, `GRANT EXECUTE ON PROCEDURE mimeo.validate_wait(text, boolean, boolean, interval),
+    mimeo.commit_and_report(bigint, interval) TO operator`)
+	e.exec(e.dst, `GRANT SELECT ON mimeo.validation TO operator`)
 	op := e.pool(pgtest.Destination().ConnString(e.dstDB, "operator", ""))
 	var id int64
 	require.NoError(t, op.QueryRow(e.ctx, `SELECT mimeo.refresh_snap('public.items')`).Scan(&id))
@@ -157,6 +162,13 @@ func TestOperatorRoleNeedsOnlyExecute(t *testing.T) {
 	require.Equal(t, "operator", by, "the request says who asked")
 	_, err := op.Exec(e.ctx, `CALL mimeo.refresh_snap_wait('public.items', p_timeout => '30 s')`)
 	require.NoError(t, err, "the CALL form works with the same grants")
+	_, err = op.Exec(e.ctx, `CALL mimeo.refresh_snap_wait('public.items', p_debug => true, p_force => true, p_timeout => '30 s')`)
+	require.NoError(t, err, "and shows its steps")
+	_, err = op.Exec(e.ctx, `CALL mimeo.validate_wait('public.items', p_repair => true, p_debug => true, p_timeout => '30 s')`)
+	require.NoError(t, err, "validation too")
+	var ok bool
+	require.NoError(t, op.QueryRow(e.ctx, `SELECT ok FROM mimeo.validation WHERE dest_table = 'public.items'`).Scan(&ok))
+	require.True(t, ok)
 	for _, q := range []string{
 		`SELECT mimeo.snapshot_destroyer('public.items')`,
 		`INSERT INTO mimeo.request (action, dest_table) VALUES ('snapshot_destroyer', 'public.items')`,

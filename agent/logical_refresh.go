@@ -43,9 +43,24 @@ func (a *Agent) refreshLogical(ctx context.Context, r *run) error {
 	if err != nil {
 		return fail(fmt.Errorf("read the source's WAL position: %w", err))
 	}
-	if _, err := r.dst.Exec(ctx, `UPDATE mimeo.logical_source SET sync_lsn = greatest(coalesce(sync_lsn, '0/0'), $2::text::pg_lsn) WHERE dblink = $1`,
-		cfg.Dblink, target); err != nil {
+	if err := a.waitForStream(ctx, r, cfg.Dblink, target); err != nil {
 		return fail(err)
+	}
+	return withTx(ctx, r.dst, func(tx pgx.Tx) error {
+		if _, err := tx.Exec(ctx, sqlRecordRun, r.req.DestTable, r.started); err != nil {
+			return err
+		}
+		return r.complete(ctx, tx, 0, "applied everything the source committed up to "+target)
+	})
+}
+
+// waitForStream waits until the stream of source dblink has applied every
+// source transaction that committed before WAL position target, and this
+// run's table is ready; it records the wait as a job step.
+func (a *Agent) waitForStream(ctx context.Context, r *run, dblink int, target string) error {
+	if _, err := r.dst.Exec(ctx, `UPDATE mimeo.logical_source SET sync_lsn = greatest(coalesce(sync_lsn, '0/0'), $2::text::pg_lsn) WHERE dblink = $1`,
+		dblink, target); err != nil {
+		return err
 	}
 	timeout := a.cfg.LogicalSyncTimeout
 	if timeout <= 0 {
@@ -66,28 +81,23 @@ func (a *Agent) refreshLogical(ctx context.Context, r *run) error {
 FROM ONLY mimeo.refresh_config_logical c JOIN mimeo.logical_source s ON s.dblink = c.dblink WHERE c.dest_table = $1`,
 			r.req.DestTable, target).Scan(&reached, &state, &detail, &status, &applied)
 		if err != nil {
-			return fail(err)
+			return err
 		}
 		switch {
 		case state == "failed" || state == "needs_resync":
-			return fail(fmt.Errorf("the table is %s: %s", strings.ReplaceAll(state, "_", " "), deref(detail)))
+			return fmt.Errorf("the table is %s: %s", strings.ReplaceAll(state, "_", " "), deref(detail))
 		case status == "needs_resync":
-			return fail(fmt.Errorf("the source needs a resync: %s", deref(detail)))
+			return fmt.Errorf("the source needs a resync: %s", deref(detail))
 		case reached && state == "ready":
 			r.job.add(ctx, "Wait for the stream", waitStart, jobOK, fmt.Sprintf("the source was at %s; the stream has applied up to %s", target, deref(applied)))
-			return withTx(ctx, r.dst, func(tx pgx.Tx) error {
-				if _, err := tx.Exec(ctx, sqlRecordRun, r.req.DestTable, r.started); err != nil {
-					return err
-				}
-				return r.complete(ctx, tx, 0, "applied everything the source committed up to "+target)
-			})
+			return nil
 		case time.Now().After(deadline):
 			why := "status " + status
 			if detail != nil {
 				why += ": " + *detail
 			}
-			return fail(fmt.Errorf("the stream has not applied the source's changes up to %s within %s (applied up to %s, table %s, %s)",
-				target, timeout, deref(applied), state, why))
+			return fmt.Errorf("the stream has not applied the source's changes up to %s within %s (applied up to %s, table %s, %s)",
+				target, timeout, deref(applied), state, why)
 		}
 		select {
 		case <-ctx.Done():

@@ -20,8 +20,9 @@ import (
 // connection holding the table lock, and calls r.complete inside the
 // transaction that commits the work.
 type handler struct {
-	job string // job log name prefix, e.g. "Refresh Snap"
-	run func(ctx context.Context, r *run) error
+	job    string // job log name prefix, e.g. "Refresh Snap"
+	run    func(ctx context.Context, r *run) error
+	global bool // concerns no one table: no destination table, no table lock
 }
 
 // run is one execution of a request.
@@ -42,6 +43,11 @@ type run struct {
 	committed int64 // rows of batches already committed, should a later one fail
 	message   string
 	warning   bool
+
+	// beforeComplete, when set, runs in complete's transaction first and
+	// may rewrite the message (a check that ends in another handler's
+	// transaction records its result there).
+	beforeComplete func(ctx context.Context, tx pgx.Tx, message string) (string, error)
 }
 
 // commonArgs are the arguments every request may carry.
@@ -93,6 +99,12 @@ func (r *run) note(ctx context.Context, action, message string, warning bool) {
 // complete marks the request done inside tx, the transaction that commits
 // the run's work, so work and outcome land together or not at all.
 func (r *run) complete(ctx context.Context, tx pgx.Tx, rows int64, message string) error {
+	if r.beforeComplete != nil {
+		var err error
+		if message, err = r.beforeComplete(ctx, tx, message); err != nil {
+			return err
+		}
+	}
 	ok, err := queue.Finish(ctx, tx, r.agentID, r.req.ID, queue.Outcome{
 		Status: queue.StatusDone, Rows: rows, JobID: r.job.id, Message: message})
 	if err != nil {
@@ -141,6 +153,9 @@ func lockTable(ctx context.Context, conn *pgxpool.Conn, dest string) (bool, erro
 const sqlRunUnlock = `SELECT pg_advisory_unlock(hashtextextended('mimeo.table:' || $1, 0))
     AND pg_advisory_unlock_shared(mimeo.schema_lock_key())`
 
+// sqlGlobalUnlock lets go of a global run's share of the schema lock.
+const sqlGlobalUnlock = `SELECT pg_advisory_unlock_shared(mimeo.schema_lock_key())`
+
 // execute runs one claimed request to its end and records the outcome.
 func (a *Agent) execute(ctx context.Context, req queue.Request) queue.Outcome {
 	log := a.log.With("request_id", req.ID, "action", req.Action, "table", req.DestTable)
@@ -176,9 +191,12 @@ func (a *Agent) executeLogged(ctx context.Context, req queue.Request, log hclog.
 		log.Error("unknown action")
 		return queue.Outcome{Status: queue.StatusFailed, Error: fmt.Sprintf("%s: %v", req.Action, ErrUnknownAction)}
 	}
-	dest, err := ident.Parse(req.DestTable)
-	if err != nil {
-		return queue.Outcome{Status: queue.StatusFailed, Error: fmt.Sprintf("destination table: %v", err)}
+	var dest ident.Name
+	if !h.global {
+		var err error
+		if dest, err = ident.Parse(req.DestTable); err != nil {
+			return queue.Outcome{Status: queue.StatusFailed, Error: fmt.Sprintf("destination table: %v", err)}
+		}
 	}
 	var common commonArgs
 	_ = json.Unmarshal(req.Args, &common)
@@ -198,14 +216,21 @@ func (a *Agent) executeLogged(ctx context.Context, req queue.Request, log hclog.
 		_ = conn.Hijack().Close(context.Background())
 	}()
 
-	job, err := startJob(ctx, a.pool, log, h.job+": "+req.DestTable, req.DestTable, req.ID, a.agentID())
+	name := h.job
+	if !h.global {
+		name += ": " + req.DestTable
+	}
+	job, err := startJob(ctx, a.pool, log, name, req.DestTable, req.ID, a.agentID())
 	if err != nil {
 		return a.interrupted(ctx, req, log, fmt.Errorf("%s %s: %w", req.Action, req.DestTable, err))
 	}
 	log = log.With("job_id", job.id)
 	r := &run{req: req, dest: dest, dst: conn, log: log, job: job, agentID: a.agentID(), started: time.Now(), debug: common.Debug}
 
-	locked, err := lockTable(ctx, conn, req.DestTable)
+	locked, err := true, error(nil)
+	if !h.global {
+		locked, err = lockTable(ctx, conn, req.DestTable)
+	}
 	if err != nil {
 		job.end(ctx, jobCritical, 0)
 		return a.interrupted(ctx, req, log, fmt.Errorf("%s %s: take table lock: %w", req.Action, req.DestTable, err))
@@ -237,8 +262,12 @@ func (a *Agent) executeLogged(ctx context.Context, req queue.Request, log hclog.
 	}
 	if err == nil {
 		var unlocked bool
+		unlock, args := sqlRunUnlock, []any{req.DestTable}
+		if h.global {
+			unlock, args = sqlGlobalUnlock, nil
+		}
 		healthy = !r.dirty &&
-			conn.QueryRow(context.WithoutCancel(ctx), sqlRunUnlock, req.DestTable).Scan(&unlocked) == nil && unlocked
+			conn.QueryRow(context.WithoutCancel(ctx), unlock, args...).Scan(&unlocked) == nil && unlocked
 	}
 	elapsed := time.Since(r.started)
 	switch {

@@ -89,6 +89,7 @@ type makerArgs struct {
 	Filter     []string `json:"filter"`
 	Condition  string   `json:"condition"`
 	PostScript []string `json:"post_script"`
+	Force      bool     `json:"force"` // refresh_snap(p_force): copy even when the source looks unchanged
 }
 
 func (m makerArgs) pull() bool    { return m.Pulldata == nil || *m.Pulldata }
@@ -153,9 +154,9 @@ func (a *Agent) makeSnap(ctx context.Context, r *run) error {
 
 // refreshSnap reloads the idle snap table and swaps the view to it. A run
 // that finds the source's write counters unchanged since the last run, and
-// its columns the same, skips the copy.
+// its columns the same, skips the copy, unless forced.
 func (a *Agent) refreshSnap(ctx context.Context, r *run) error {
-	var args makerArgs // only pulldata applies
+	var args makerArgs // only pulldata and force apply
 	if err := r.args(&args); err != nil {
 		return err
 	}
@@ -189,7 +190,7 @@ func (a *Agent) refreshSnap(ctx context.Context, r *run) error {
 			r.note(ctx, "Check arguments", msg, false)
 			return r.complete(ctx, tx, 0, msg)
 		}
-		if cfg.unchanged(st, !changed, with) {
+		if !args.Force && cfg.unchanged(st, !changed, with) {
 			msg := "skipped copy: no inserts, updates or deletes on the source since the last run (statistics unchanged)"
 			r.note(ctx, "Check source statistics", msg, false)
 			if _, err := tx.Exec(ctx, sqlRecordRun, r.req.DestTable, r.started); err != nil {

@@ -176,11 +176,12 @@ GRANT EXECUTE ON PROCEDURE mimeo.refresh_snap_wait(text, boolean, boolean, inter
 		require.NoError(t, conn.QueryRow(ctx, `SELECT has_function_privilege('mimeo_upgrade_ops', $1, 'EXECUTE')`, routine).Scan(&ok))
 		return ok
 	}
-	require.True(t, granted("mimeo.refresh_snap(text, boolean, boolean, boolean)"))
+	require.True(t, granted("mimeo.refresh_snap(text, boolean, boolean, boolean, boolean)"), "p_force came in 0.6.0")
 	require.True(t, granted("mimeo.wait(bigint, interval)"))
-	require.True(t, granted("mimeo.refresh_snap_wait(text, boolean, boolean, boolean, interval)"))
+	require.True(t, granted("mimeo.refresh_snap_wait(text, boolean, boolean, boolean, interval, boolean)"))
 	require.True(t, granted("mimeo.commit_and_wait(bigint, interval)"))
 	require.True(t, granted("mimeo.wait_poll(bigint, timestamptz, interval)"), "the CALL forms poll with it")
+	require.True(t, granted("mimeo.notice_steps(bigint, integer)"), "the CALL forms show steps with it")
 	require.False(t, granted("mimeo.snapshot_maker(text, integer, text, boolean, boolean, text[], text, text[], boolean, boolean)"))
 	require.False(t, granted("mimeo.refresh_dml(text, integer, boolean, boolean, boolean, boolean)"))
 

@@ -1,0 +1,438 @@
+package agent
+
+import (
+	"context"
+	"fmt"
+	"strings"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"golang.org/x/sync/errgroup"
+
+	"github.com/mimeo-dev/mimeo/internal/ident"
+	"github.com/mimeo-dev/mimeo/triggers"
+	"github.com/mimeo-dev/mimeo/validate"
+)
+
+// validateArgs are the arguments of mimeo.validate().
+type validateArgs struct {
+	Repair bool `json:"repair"`
+}
+
+// maxPending bounds the keys of not yet applied changes that a check
+// leaves out of its differing chunks; with more, refresh first.
+const maxPending = 100000
+
+// logicalRechecks is how often a logical table's differing chunks are
+// compared again, each after the stream caught up, before they count.
+const logicalRechecks = 3
+
+// comparison is one validate run's view of a table.
+type comparison struct {
+	t        *checkTarget
+	spec     validate.Spec
+	src, dst validate.Side
+	target   ident.Name // where repairs write: the table (snap: its active table)
+	chunks   []validate.Chunk
+	pending  [][]string // keys with changes not yet applied, left out
+	srcRows  int64
+	dstRows  int64
+	differ   []int // chunks that differ, pending changes left out
+	repaired int64 // rows re-pulled
+	note     string
+}
+
+// validateTable compares a table's content on both sides chunk by chunk
+// and, asked to, re-pulls the chunks that differ.
+func (a *Agent) validateTable(ctx context.Context, r *run) error {
+	var args validateArgs
+	if err := r.args(&args); err != nil {
+		return err
+	}
+	fail := func(err error) error { return fmt.Errorf("validate %s: %w", r.dest, err) }
+	targets, err := loadCheckTargets(ctx, r.dst, r.req.DestTable)
+	if err != nil {
+		return fail(err)
+	}
+	t := targets[0]
+	src, st, err := a.openSource(ctx, r, sourceSpec{Dblink: t.Dblink, Table: t.Source.String(),
+		Filter: nullIfEmpty(t.Filter), Condition: t.Condition, Indexes: true})
+	if err != nil {
+		return fail(err)
+	}
+	defer src.Release()
+	d, err := checkColumns(ctx, r.dst, t.Dest, st, t.Columns, t.ownColumns()...)
+	if err != nil {
+		return fail(err)
+	}
+	if !d.none() {
+		detail := fmt.Sprintf("not compared: the source's columns changed (%s); rebuild the table first (repull)", d)
+		return withTx(ctx, r.dst, func(tx pgx.Tx) error {
+			if err := recordCheck(ctx, tx, r, checkRow{Dest: r.req.DestTable, Kind: "checksum", Detail: detail}); err != nil {
+				return err
+			}
+			return r.complete(ctx, tx, 0, "differs: "+detail)
+		})
+	}
+	c := &comparison{t: t, src: validate.Side{Table: t.Source, Where: t.sourceWhere()},
+		dst: validate.Side{Table: t.Dest, Where: t.destWhere()}, target: t.Dest}
+	c.spec = validate.Spec{Columns: validateColumns(st.Columns), Key: t.chunkKey(st), ChunkRows: a.cfg.ValidateChunkRows}
+	if t.Type == "snap" {
+		s1, s2 := snapTables(r.dest)
+		err := withTx(ctx, r.dst, func(tx pgx.Tx) error {
+			c.target, _, err = activeSnap(ctx, tx, r.dest, s1, s2)
+			return err
+		})
+		if err != nil {
+			return fail(err)
+		}
+	}
+	if len(c.spec.Key) > 0 {
+		ok, err := leadingIndex(ctx, r.dst, c.target, c.spec.Key)
+		if err == nil && ok {
+			ok, err = leadingIndex(ctx, src, t.Source, c.spec.Key)
+		}
+		if err != nil {
+			return fail(err)
+		}
+		if !ok {
+			c.note = fmt.Sprintf("no index on (%s) on both sides: compared as one chunk", strings.Join(keyNames(c.spec.Key), ", "))
+			c.spec.Key = nil
+		}
+	}
+	if t.Type == "logical" {
+		return a.validateLogical(ctx, r, c, src, args.Repair)
+	}
+	return a.validateLocked(ctx, r, c, src, args.Repair)
+}
+
+// validateLocked validates a table that only this run writes (the table
+// lock keeps refreshes out): both sides are read in one transaction each,
+// the source's at one snapshot, and any repair is made in the destination
+// transaction that records the result.
+func (a *Agent) validateLocked(ctx context.Context, r *run, c *comparison, src *pgxpool.Conn, repair bool) error {
+	fail := func(err error) error { return fmt.Errorf("validate %s: %w", r.dest, err) }
+	stx, err := src.BeginTx(ctx, pgx.TxOptions{IsoLevel: pgx.RepeatableRead, AccessMode: pgx.ReadOnly})
+	if err != nil {
+		return fail(err)
+	}
+	defer func() { _ = stx.Rollback(context.WithoutCancel(ctx)) }()
+	if err := execAll(ctx, stx, "set up the source session", validate.Settings); err != nil {
+		return fail(err)
+	}
+	return withTx(ctx, r.dst, func(dtx pgx.Tx) error {
+		if err := execAll(ctx, dtx, "set up the destination session", validate.Settings); err != nil {
+			return fail(err)
+		}
+		if err := c.compare(ctx, r, stx, dtx); err != nil {
+			return fail(err)
+		}
+		if len(c.differ) > 0 {
+			if err := c.findPending(ctx, r, stx); err != nil {
+				return fail(err)
+			}
+			if err := c.recheck(ctx, stx, dtx); err != nil {
+				return fail(err)
+			}
+		}
+		row := c.result()
+		if repair && len(c.differ) > 0 {
+			if err := r.step(ctx, "Repair", func() (string, error) {
+				return c.repair(ctx, stx, dtx)
+			}); err != nil {
+				return fail(err)
+			}
+			if err := c.recheck(ctx, stx, dtx); err != nil {
+				return fail(err)
+			}
+			row.Repaired = new(bool)
+			*row.Repaired = len(c.differ) == 0
+			row.Detail += c.repairDetail()
+			r.committed = c.repaired
+		}
+		if err := recordCheck(ctx, dtx, r, row); err != nil {
+			return err
+		}
+		return r.complete(ctx, dtx, c.repaired, row.message())
+	})
+}
+
+// validateLogical validates a table the stream writes to: the source is
+// read at a snapshot, the destination once the stream has applied
+// everything committed before it. Changes that land meanwhile make chunks
+// differ for a moment, so differing chunks are compared again, each time
+// after the stream caught up, and count only when they differ every time.
+// A repair copies the table again (refresh_logical's repull), the one way
+// that cannot race the stream.
+func (a *Agent) validateLogical(ctx context.Context, r *run, c *comparison, src *pgxpool.Conn, repair bool) error {
+	fail := func(err error) error { return fmt.Errorf("validate %s: %w", r.dest, err) }
+	for pass := 0; pass <= logicalRechecks; pass++ {
+		err := func() error {
+			stx, err := src.BeginTx(ctx, pgx.TxOptions{IsoLevel: pgx.RepeatableRead, AccessMode: pgx.ReadOnly})
+			if err != nil {
+				return err
+			}
+			defer func() { _ = stx.Rollback(context.WithoutCancel(ctx)) }()
+			if err := execAll(ctx, stx, "set up the source session", validate.Settings); err != nil {
+				return err
+			}
+			var lsn string
+			if err := stx.QueryRow(ctx, `SELECT pg_current_wal_insert_lsn()::text`).Scan(&lsn); err != nil {
+				return fmt.Errorf("read the source's WAL position: %w", err)
+			}
+			if err := a.waitForStream(ctx, r, c.t.Dblink, lsn); err != nil {
+				return err
+			}
+			return withTx(ctx, r.dst, func(dtx pgx.Tx) error {
+				if err := execAll(ctx, dtx, "set up the destination session", validate.Settings); err != nil {
+					return err
+				}
+				if pass == 0 {
+					return c.compare(ctx, r, stx, dtx)
+				}
+				return c.recheck(ctx, stx, dtx)
+			})
+		}()
+		if err != nil {
+			return fail(err)
+		}
+		if len(c.differ) == 0 {
+			break
+		}
+	}
+	row := c.result()
+	if !repair || len(c.differ) == 0 {
+		return withTx(ctx, r.dst, func(tx pgx.Tx) error {
+			if err := recordCheck(ctx, tx, r, row); err != nil {
+				return err
+			}
+			return r.complete(ctx, tx, 0, row.message())
+		})
+	}
+	cfg, err := loadLogicalConfig(ctx, r.dst, r.req.DestTable)
+	if err != nil {
+		return fail(err)
+	}
+	row.Repaired = new(bool)
+	*row.Repaired = true
+	row.Detail += "; repaired: copied the whole table again (a logical table is repaired by a repull)"
+	r.beforeComplete = func(ctx context.Context, tx pgx.Tx, message string) (string, error) {
+		if err := recordCheck(ctx, tx, r, row); err != nil {
+			return "", err
+		}
+		return row.message() + "; " + message, nil
+	}
+	if err := a.repullLogical(ctx, r, cfg); err != nil {
+		return fail(fmt.Errorf("repair: %w", err))
+	}
+	return nil
+}
+
+// compare plans the chunks on the source and sums them on both sides at
+// once.
+func (c *comparison) compare(ctx context.Context, r *run, stx, dtx pgx.Tx) error {
+	return r.step(ctx, "Compare", func() (string, error) {
+		var err error
+		if c.chunks, err = validate.Plan(ctx, stx, c.spec, c.src); err != nil {
+			return "", err
+		}
+		all := make([]int, len(c.chunks))
+		for i := range all {
+			all[i] = i
+		}
+		if err := c.sum(ctx, stx, dtx, all, true); err != nil {
+			return "", err
+		}
+		msg := fmt.Sprintf("%d chunks: source %d rows, destination %d rows; %d chunks differ", len(c.chunks), c.srcRows, c.dstRows, len(c.differ))
+		if c.note != "" {
+			msg += " (" + c.note + ")"
+		}
+		return msg, nil
+	})
+}
+
+// sum sums the chunks listed on both sides, concurrently, and keeps those
+// that differ (counting the rows when total).
+func (c *comparison) sum(ctx context.Context, stx, dtx pgx.Tx, which []int, total bool) error {
+	chunks := make([]validate.Chunk, len(which))
+	for i, w := range which {
+		chunks[i] = c.chunks[w]
+	}
+	var s, d []validate.Sum
+	g, gctx := errgroup.WithContext(ctx)
+	g.Go(func() (err error) {
+		s, err = validate.Sums(gctx, stx, c.spec, c.src, chunks, c.pending)
+		return err
+	})
+	g.Go(func() (err error) {
+		d, err = validate.Sums(gctx, dtx, c.spec, c.dst, chunks, c.pending)
+		return err
+	})
+	if err := g.Wait(); err != nil {
+		return err
+	}
+	c.differ = c.differ[:0]
+	for i, w := range which {
+		if total {
+			c.srcRows += s[i].Rows
+			c.dstRows += d[i].Rows
+		}
+		if s[i] != d[i] {
+			c.differ = append(c.differ, w)
+		}
+	}
+	return nil
+}
+
+// recheck sums the differing chunks again.
+func (c *comparison) recheck(ctx context.Context, stx, dtx pgx.Tx) error {
+	return c.sum(ctx, stx, dtx, append([]int(nil), c.differ...), false)
+}
+
+// findPending collects the keys in the differing chunks whose changes are
+// not applied yet, as of the source snapshot: queued keys (dml, logdel),
+// rows past last_value (updater). They are left out of the comparison; the
+// next refresh brings them.
+func (c *comparison) findPending(ctx context.Context, r *run, stx pgx.Tx) error {
+	var from ident.Name
+	var extra string
+	switch {
+	case c.t.Queue != nil:
+		from = *c.t.Queue
+		var truncated bool
+		if err := stx.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM `+from.Sanitize()+` WHERE `+ident.Quote(triggers.ColTruncated)+` IS NOT NULL)`).Scan(&truncated); err != nil {
+			return fmt.Errorf("read the source queue %s: %w", from, err)
+		}
+		if truncated {
+			c.note = "a TRUNCATE of the source is queued and not applied yet: refresh first"
+		}
+	case c.t.Type == "updater" && c.t.LastValue != nil:
+		from = c.t.Source
+		extra = ident.Quote(c.t.Control) + " > " + c.t.Kind.literal(*c.t.LastValue)
+	default:
+		return nil
+	}
+	if len(c.spec.Key) == 0 {
+		return nil
+	}
+	keys := quotedKeyTexts(c.spec.Key)
+	for _, i := range c.differ {
+		cond := []string{validate.RangeCondition(c.spec, c.chunks[i], "")}
+		for _, k := range c.spec.Key {
+			cond = append(cond, ident.Quote(k.Name)+" IS NOT NULL")
+		}
+		if extra != "" {
+			cond = append(cond, extra)
+		}
+		rows, err := stx.Query(ctx, "SELECT DISTINCT "+strings.Join(keys, ", ")+" FROM "+from.Sanitize()+
+			" WHERE "+strings.Join(cond, " AND ")+fmt.Sprintf(" LIMIT %d", maxPending+1))
+		if err != nil {
+			return fmt.Errorf("read pending changes from %s: %w", from, err)
+		}
+		for rows.Next() {
+			vals := make([]string, len(keys))
+			dest := make([]any, len(vals))
+			for j := range vals {
+				dest[j] = &vals[j]
+			}
+			if err := rows.Scan(dest...); err != nil {
+				rows.Close()
+				return err
+			}
+			c.pending = append(c.pending, vals)
+		}
+		rows.Close()
+		if err := rows.Err(); err != nil {
+			return fmt.Errorf("read pending changes from %s: %w", from, err)
+		}
+		if len(c.pending) > maxPending {
+			return fmt.Errorf("more than %d changes of %s are not applied yet: refresh it, then validate", maxPending, r.dest)
+		}
+	}
+	if len(c.pending) > 0 {
+		r.note(ctx, "Pending changes", fmt.Sprintf("left out %d keys whose changes the next refresh applies", len(c.pending)), false)
+	}
+	return nil
+}
+
+// result is the check's row in mimeo.validation.
+func (c *comparison) result() checkRow {
+	row := checkRow{Dest: c.t.Dest.String(), Kind: "checksum", OK: len(c.differ) == 0,
+		SourceRows: &c.srcRows, DestRows: &c.dstRows, Chunks: len(c.chunks), Differing: len(c.differ)}
+	switch {
+	case row.OK:
+		row.Detail = fmt.Sprintf("%d rows in %d chunks match", c.srcRows, len(c.chunks))
+	default:
+		row.Detail = fmt.Sprintf("%d of %d chunks differ (source %d rows, destination %d)", len(c.differ), len(c.chunks), c.srcRows, c.dstRows)
+		if len(c.spec.Key) > 0 {
+			first := c.chunks[c.differ[0]]
+			row.Detail += "; first at " + describeChunk(c.spec, first)
+		}
+	}
+	if len(c.pending) > 0 {
+		row.Detail += fmt.Sprintf("; %d keys with changes not applied yet left out", len(c.pending))
+	}
+	if c.note != "" {
+		row.Detail += "; " + c.note
+	}
+	return row
+}
+
+func (c *comparison) repairDetail() string {
+	if len(c.differ) == 0 {
+		return fmt.Sprintf("; repaired: re-pulled %d rows, every chunk matches now", c.repaired)
+	}
+	return fmt.Sprintf("; repair re-pulled %d rows but %d chunks still differ (do the column types differ between source and destination?)",
+		c.repaired, len(c.differ))
+}
+
+// describeChunk names a chunk's key range for a DBA.
+func describeChunk(spec validate.Spec, c validate.Chunk) string {
+	keys := strings.Join(keyNames(spec.Key), ", ")
+	switch {
+	case c.Lower == nil && c.Upper == nil:
+		return "the whole table"
+	case c.Lower == nil:
+		return fmt.Sprintf("(%s) < (%s)", keys, strings.Join(c.Upper, ", "))
+	case c.Upper == nil:
+		return fmt.Sprintf("(%s) >= (%s)", keys, strings.Join(c.Lower, ", "))
+	}
+	return fmt.Sprintf("(%s) in [(%s), (%s))", keys, strings.Join(c.Lower, ", "), strings.Join(c.Upper, ", "))
+}
+
+func keyNames(key []validate.Column) []string {
+	out := make([]string, len(key))
+	for i, k := range key {
+		out[i] = k.Name
+	}
+	return out
+}
+
+func quotedKeyTexts(key []validate.Column) []string {
+	out := make([]string, len(key))
+	for i, k := range key {
+		out[i] = ident.Quote(k.Name) + "::text"
+	}
+	return out
+}
+
+// leadingIndex reports whether rel has a valid btree index whose leading
+// columns are key, in order (a view: never).
+func leadingIndex(ctx context.Context, q interface {
+	QueryRow(context.Context, string, ...any) pgx.Row
+}, rel ident.Name, key []validate.Column) (bool, error) {
+	var ok bool
+	err := q.QueryRow(ctx, `
+SELECT EXISTS (
+    SELECT 1 FROM pg_catalog.pg_index i JOIN pg_catalog.pg_class ic ON ic.oid = i.indexrelid
+    JOIN pg_catalog.pg_am am ON am.oid = ic.relam AND am.amname = 'btree'
+    WHERE i.indrelid = to_regclass($1) AND i.indisvalid AND i.indpred IS NULL
+      AND (SELECT array_agg(a.attname::text ORDER BY k.ord) FROM unnest(i.indkey) WITH ORDINALITY k(attnum, ord)
+           JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+           WHERE k.ord <= cardinality($2::text[])) = $2::text[])`,
+		rel.Sanitize(), keyNames(key)).Scan(&ok)
+	if err != nil {
+		return false, fmt.Errorf("look up the indexes of %s: %w", rel, err)
+	}
+	return ok, nil
+}

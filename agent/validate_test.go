@@ -1,0 +1,324 @@
+package agent_test
+
+import (
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/stretchr/testify/require"
+
+	"github.com/mimeo-dev/mimeo/internal/pgtest"
+)
+
+// check is a row of mimeo.validation.
+type check struct {
+	OK         bool
+	SourceRows *int64
+	DestRows   *int64
+	Chunks     *int
+	Differing  *int
+	Repaired   *bool
+	Detail     string
+}
+
+// lastCheck is the newest row of mimeo.validation for a table and kind.
+func (e *env) lastCheck(table, kind string) check {
+	e.t.Helper()
+	var c check
+	require.NoError(e.t, e.dst.QueryRow(e.ctx, `SELECT ok, source_rows, dest_rows, chunks_checked, chunks_differing, repaired, detail
+FROM mimeo.validation WHERE dest_table = $1 AND kind = $2 ORDER BY id DESC LIMIT 1`, table, kind).
+		Scan(&c.OK, &c.SourceRows, &c.DestRows, &c.Chunks, &c.Differing, &c.Repaired, &c.Detail))
+	return c
+}
+
+// health is refresh_status' verdict on a table.
+func (e *env) health(table string) (string, string) {
+	e.t.Helper()
+	var health string
+	var why *string
+	require.NoError(e.t, e.dst.QueryRow(e.ctx, `SELECT health, why FROM mimeo.refresh_status WHERE dest_table = $1`, table).Scan(&health, &why))
+	if why == nil {
+		return health, ""
+	}
+	return health, *why
+}
+
+// validationCase is one replication type under validate.
+type validationCase struct {
+	typ     string
+	maker   string // $1 is the dblink
+	refresh string
+	live    string // the destination's rows that stand for the source's
+	pending func(e *env)
+}
+
+const valTable = `public."Val; Table"`
+
+var validationCases = []validationCase{
+	{typ: "snap", maker: `SELECT mimeo.snapshot_maker('public."Val; Table"', $1)`,
+		refresh: `SELECT mimeo.refresh_snap('public."Val; Table"', p_force => true)`},
+	{typ: "inserter", maker: `SELECT mimeo.inserter_maker('public."Val; Table"', 'id', $1, p_boundary => '0')`,
+		refresh: `SELECT mimeo.refresh_inserter('public."Val; Table"')`},
+	{typ: "updater", maker: `SELECT mimeo.updater_maker('public."Val; Table"', 'upd', $1, p_boundary => '0 s')`,
+		refresh: `SELECT mimeo.refresh_updater('public."Val; Table"')`,
+		pending: func(e *env) {
+			e.exec(e.app, `UPDATE public."Val; Table" SET note = 'later', upd = clock_timestamp() WHERE id IN (5, 1500)`)
+		}},
+	{typ: "dml", maker: `SELECT mimeo.dml_maker('public."Val; Table"', $1)`,
+		refresh: `SELECT mimeo.refresh_dml('public."Val; Table"')`,
+		pending: func(e *env) {
+			e.exec(e.app, `UPDATE public."Val; Table" SET note = 'later' WHERE id IN (5, 1500)`)
+			e.exec(e.app, `DELETE FROM public."Val; Table" WHERE id = 2500`)
+		}},
+	{typ: "logdel", maker: `SELECT mimeo.logdel_maker('public."Val; Table"', $1)`,
+		refresh: `SELECT mimeo.refresh_logdel('public."Val; Table"')`,
+		live:    `(SELECT id, grp, note, upd FROM public."Val; Table" WHERE mimeo_source_deleted IS NULL)`,
+		pending: func(e *env) {
+			e.exec(e.app, `DELETE FROM public."Val; Table" WHERE id IN (7, 2600)`)
+		}},
+}
+
+// A healthy copy validates; rows deleted, changed and added behind
+// mimeo's back are found chunk by chunk, repaired, and replication goes on
+// correctly afterwards. Changes not yet applied are not differences.
+func TestValidateFindsAndRepairsDamage(t *testing.T) {
+	t.Parallel()
+	for _, tc := range validationCases {
+		t.Run(tc.typ, func(t *testing.T) {
+			t.Parallel()
+			e := setup(t)
+			e.exec(e.app, `CREATE TABLE `+valTable+` (id int PRIMARY KEY, grp int, note text, upd timestamptz NOT NULL DEFAULT '2026-01-01')`)
+			e.exec(e.app, `INSERT INTO `+valTable+` SELECT g, g % 7, CASE WHEN g % 11 = 0 THEN NULL ELSE 'n' || g END FROM generate_series(1, 3000) g`)
+			e.exec(e.app, `CREATE INDEX ON `+valTable+` (upd)`)
+			e.exec(e.app, `GRANT SELECT ON `+valTable+` TO `+replRole)
+			if tc.typ == "dml" || tc.typ == "logdel" {
+				e.prepareTriggers(valTable)
+			}
+			cfg := e.config()
+			cfg.ValidateChunkRows = 500
+			e.startAgent(cfg)
+			e.done(tc.maker, e.dblink)
+			live := valTable
+			if tc.live != "" {
+				live = tc.live
+			}
+			e.requireSame(valTable, live)
+
+			o := e.done(`SELECT mimeo.validate($1)`, valTable)
+			require.True(t, strings.HasPrefix(*o.Message, "ok: "), *o.Message)
+			c := e.lastCheck(valTable, "checksum")
+			require.True(t, c.OK, c.Detail)
+			require.EqualValues(t, 3000, *c.SourceRows)
+			require.EqualValues(t, 3000, *c.DestRows)
+			require.Equal(t, 6, *c.Chunks)
+			require.Zero(t, *c.Differing)
+			require.Nil(t, c.Repaired)
+			health, why := e.health(valTable)
+			require.Equal(t, "ok", health, why)
+
+			// Damage three chunks behind mimeo's back.
+			e.exec(e.dst, `DELETE FROM `+valTable+` WHERE id BETWEEN 10 AND 19`)
+			e.exec(e.dst, `UPDATE `+valTable+` SET note = 'drift' WHERE id = 1200`)
+			e.exec(e.dst, `DELETE FROM `+valTable+` WHERE id = 2999`)
+			if tc.typ == "logdel" {
+				e.exec(e.dst, `INSERT INTO `+valTable+` (id, grp, note, upd) VALUES (2999, 1, 'ghost', now())`)
+			}
+			o = e.done(`SELECT mimeo.validate($1)`, valTable)
+			require.True(t, strings.HasPrefix(*o.Message, "differs: 3 of 6 chunks differ"), *o.Message)
+			c = e.lastCheck(valTable, "checksum")
+			require.False(t, c.OK)
+			require.Equal(t, 3, *c.Differing)
+			require.EqualValues(t, 3000, *c.SourceRows)
+			health, why = e.health(valTable)
+			require.Equal(t, "invalid", health)
+			require.Contains(t, why, "3 of 6 chunks differ")
+
+			// validate_rowcount sees the missing rows too.
+			e.done(`SELECT mimeo.validate_rowcount($1)`, valTable)
+			rc := e.lastCheck(valTable, "rowcount")
+			require.False(t, rc.OK, rc.Detail)
+			require.EqualValues(t, 3000, *rc.SourceRows)
+
+			o = e.done(`SELECT mimeo.validate($1, p_repair => true)`, valTable)
+			require.Contains(t, *o.Message, "repaired: re-pulled")
+			c = e.lastCheck(valTable, "checksum")
+			require.False(t, c.OK, "the check found differences")
+			require.True(t, *c.Repaired, c.Detail)
+			e.requireSame(valTable, live)
+			health, why = e.health(valTable)
+			require.Equal(t, "ok", health, why)
+
+			// Changes not applied yet are left out, not counted.
+			if tc.pending != nil {
+				tc.pending(e)
+				e.done(`SELECT mimeo.validate($1)`, valTable)
+				c = e.lastCheck(valTable, "checksum")
+				require.True(t, c.OK, c.Detail)
+				require.Contains(t, c.Detail, "left out")
+				e.done(`SELECT mimeo.validate_rowcount($1)`, valTable)
+				rc = e.lastCheck(valTable, "rowcount")
+				require.True(t, rc.OK, rc.Detail)
+			}
+
+			// Replication goes on correctly after the repair.
+			e.exec(e.app, `INSERT INTO `+valTable+` SELECT g, 0, 'more', clock_timestamp() FROM generate_series(3001, 3100) g`)
+			e.exec(e.app, `UPDATE `+valTable+` SET note = 'changed', upd = clock_timestamp() WHERE id = 11`)
+			if tc.typ == "inserter" {
+				// An inserter copies inserts only.
+				e.exec(e.app, `UPDATE `+valTable+` SET note = NULL, upd = '2026-01-01' WHERE id = 11`)
+			}
+			e.done(tc.refresh)
+			e.requireSame(valTable, live)
+			e.done(`SELECT mimeo.validate($1)`, valTable)
+			c = e.lastCheck(valTable, "checksum")
+			require.True(t, c.OK, c.Detail)
+		})
+	}
+}
+
+// A logical table is compared once the stream caught up, and repaired by
+// a fresh copy.
+func TestValidateLogical(t *testing.T) {
+	t.Parallel()
+	e := setupLogical(t)
+	e.exec(e.app, `CREATE TABLE `+valTable+` (id int PRIMARY KEY, grp int, note text)`)
+	e.exec(e.app, `INSERT INTO `+valTable+` SELECT g, g % 7, 'n' || g FROM generate_series(1, 2000) g`)
+	e.exec(e.app, `GRANT SELECT ON `+valTable+` TO `+logicalRole)
+	cfg := e.config()
+	cfg.ValidateChunkRows = 500
+	e.startAgent(cfg)
+	e.done(`SELECT mimeo.logical_maker($1, $2)`, valTable, e.dblink)
+	e.exec(e.app, `UPDATE `+valTable+` SET note = 'streamed' WHERE id % 100 = 0`)
+	e.done(`SELECT mimeo.validate($1)`, valTable) // waits for the stream
+	c := e.lastCheck(valTable, "checksum")
+	require.True(t, c.OK, c.Detail)
+	require.Equal(t, 4, *c.Chunks)
+
+	e.exec(e.dst, `DELETE FROM `+valTable+` WHERE id = 42`)
+	e.done(`SELECT mimeo.validate_rowcount($1)`, valTable)
+	require.False(t, e.lastCheck(valTable, "rowcount").OK)
+	e.done(`SELECT mimeo.validate($1)`, valTable)
+	c = e.lastCheck(valTable, "checksum")
+	require.False(t, c.OK)
+	require.Equal(t, 1, *c.Differing)
+
+	o := e.done(`SELECT mimeo.validate($1, p_repair => true)`, valTable)
+	require.Contains(t, *o.Message, "copied")
+	require.True(t, *e.lastCheck(valTable, "checksum").Repaired)
+	e.waitState(valTable, "ready")
+	e.exec(e.app, `INSERT INTO `+valTable+` VALUES (5000, 1, 'after repair')`)
+	e.sync(valTable)
+	e.requireSame(valTable, valTable)
+}
+
+// check_source_columns and check_missing_source_tables report the tables
+// whose source drifted or went away, and only those.
+func TestCheckSourceColumnsAndMissingTables(t *testing.T) {
+	t.Parallel()
+	e := setup(t)
+	for _, tbl := range []string{"public.a", "public.b", `public."C c"`} {
+		e.exec(e.app, `CREATE TABLE `+tbl+` (id int PRIMARY KEY, v text)`)
+		e.exec(e.app, `INSERT INTO `+tbl+` SELECT g, 'v' FROM generate_series(1, 10) g`)
+		e.exec(e.app, `GRANT SELECT ON `+tbl+` TO `+replRole)
+	}
+	e.startAgent(e.config())
+	e.done(`SELECT mimeo.snapshot_maker('public.a', $1)`, e.dblink)
+	e.done(`SELECT mimeo.updater_maker('public.b', 'id', $1, p_boundary => '0')`, e.dblink)
+	e.done(`SELECT mimeo.inserter_maker('public."C c"', 'id', $1, p_boundary => '0')`, e.dblink)
+
+	o := e.done(`SELECT mimeo.check_source_columns()`)
+	require.Equal(t, "ok: all 3 tables", *o.Message)
+	e.exec(e.app, `ALTER TABLE public.b ADD COLUMN extra int`)
+	e.exec(e.app, `DROP TABLE public."C c"`)
+	o = e.done(`SELECT mimeo.check_source_columns()`)
+	require.Contains(t, *o.Message, "2 of 3 tables")
+	require.True(t, e.lastCheck("public.a", "columns").OK)
+	b := e.lastCheck("public.b", "columns")
+	require.False(t, b.OK)
+	require.Contains(t, b.Detail, "extra")
+	require.Contains(t, b.Detail, "refresh_updater('public.b', p_repull => true)")
+	require.Contains(t, e.lastCheck(`public."C c"`, "columns").Detail, "does not exist")
+	health, why := e.health("public.b")
+	require.Equal(t, "invalid", health)
+	require.Contains(t, why, "extra")
+
+	o = e.done(`SELECT mimeo.check_missing_source_tables()`)
+	require.Contains(t, *o.Message, "1 of 3 tables")
+	require.True(t, e.lastCheck("public.b", "missing").OK)
+	missing := e.lastCheck(`public."C c"`, "missing")
+	require.False(t, missing.OK)
+	require.Contains(t, missing.Detail, "inserter_destroyer")
+
+	// A source that cannot be reached fails its tables' checks, in words.
+	e.exec(e.dst, `UPDATE mimeo.dblink_mapping SET pwd = 'wrong' WHERE data_source_id = $1`, e.dblink)
+	o = e.done(`SELECT mimeo.check_missing_source_tables()`)
+	require.Contains(t, *o.Message, "3 of 3 tables")
+	require.Contains(t, e.lastCheck("public.a", "missing").Detail, "cannot reach its source")
+}
+
+// snapshot_monitor flags snap tables past a size; refresh_snap(p_force)
+// copies an unchanged source; a CALL with p_debug shows the steps.
+func TestSnapshotMonitorForceAndDebugNotices(t *testing.T) {
+	t.Parallel()
+	e := setup(t)
+	e.createItems("public.items", 2000)
+	e.createItems("public.small", 10)
+	e.exec(e.app, `ANALYZE public.items; ANALYZE public.small`)
+	for deadline := time.Now().Add(15 * time.Second); e.stats("public.small") != "10,0,0"; {
+		require.True(t, time.Now().Before(deadline), "statistics of public.small never showed its inserts")
+		time.Sleep(50 * time.Millisecond)
+	}
+	e.startAgent(e.config())
+	e.done(`SELECT mimeo.snapshot_maker('public.items', $1)`, e.dblink)
+	e.done(`SELECT mimeo.snapshot_maker('public.small', $1)`, e.dblink)
+
+	o := e.done(`SELECT mimeo.snapshot_monitor(p_rowcount => 1000)`)
+	require.Contains(t, *o.Message, "1 of 2 tables")
+	items := e.lastCheck("public.items", "snapshot_monitor")
+	require.False(t, items.OK)
+	require.EqualValues(t, 2000, *items.SourceRows)
+	require.Contains(t, items.Detail, "large: about 2000 rows")
+	require.True(t, e.lastCheck("public.small", "snapshot_monitor").OK)
+	health, _ := e.health("public.items")
+	require.Equal(t, "ok", health, "a size report is advice, not a fault")
+
+	o = e.done(`SELECT mimeo.refresh_snap('public.small')`)
+	require.Contains(t, *o.Message, "skipped copy")
+	o = e.done(`SELECT mimeo.refresh_snap('public.small', p_force => true)`)
+	require.EqualValues(t, 10, *o.Rows)
+
+	// CALL ..._wait(p_debug => true) relays the steps as NOTICEs.
+	cc, err := pgx.ParseConfig(pgtest.Destination().ConnString(e.dstDB, agentRole, ""))
+	require.NoError(t, err)
+	var notices []string
+	cc.OnNotice = func(_ *pgconn.PgConn, n *pgconn.Notice) { notices = append(notices, n.Message) }
+	conn, err := pgx.ConnectConfig(e.ctx, cc)
+	require.NoError(t, err)
+	defer conn.Close(e.ctx)
+	_, err = conn.Exec(e.ctx, `CALL mimeo.validate_wait('public.items', p_debug => true)`)
+	require.NoError(t, err)
+	joined := strings.Join(notices, "\n")
+	require.Contains(t, joined, "mimeo: Connect to source [OK")
+	require.Contains(t, joined, "mimeo: Compare [OK")
+	require.Contains(t, joined, "validate done: ok: 2000 rows")
+
+	e.exec(e.dst, `DELETE FROM public.items WHERE id = 1`)
+	notices = nil
+	_, err = conn.Exec(e.ctx, `CALL mimeo.validate_wait('public.items')`)
+	require.NoError(t, err)
+	joined = strings.Join(notices, "\n")
+	require.NotContains(t, joined, "Compare [OK", "steps only with p_debug")
+	require.Contains(t, joined, "checksum public.items: 1 of 1 chunks differ")
+}
+
+// Bad input is refused at the call, before anything is queued.
+func TestValidationInput(t *testing.T) {
+	t.Parallel()
+	e := setup(t)
+	require.Contains(t, e.sqlError(`SELECT mimeo.validate('public.nothing')`), "public.nothing is not a replicated table")
+	require.Contains(t, e.sqlError(`SELECT mimeo.validate_rowcount('nothing')`), "schema-qualified")
+	require.Contains(t, e.sqlError(`SELECT mimeo.snapshot_monitor(p_rowcount => -1)`), "must not be negative")
+	require.Contains(t, e.sqlError(`SELECT mimeo.snapshot_monitor(p_destination => 'public.x; DROP TABLE y')`), "is not a valid name")
+}
