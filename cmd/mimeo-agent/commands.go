@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -120,11 +121,56 @@ SELECT dest_table, type, dblink, source_table,
             WHEN last_error IS NOT NULL THEN 'failed: ' || last_error
             WHEN last_success IS NOT NULL THEN 'ok'
             ELSE '-' END,
-       coalesce(pending, ''), coalesce(last_value, 'lsn ' || applied_lsn::text, '')
+       coalesce(pending, ''), coalesce(last_value, 'lsn ' || applied_lsn::text, ''),
+       health, coalesce(why, ''), last_run, last_success, last_error,
+       extract(epoch FROM lag)::float8, extract(epoch FROM period)::float8, last_validated_at, last_validation_ok
 FROM mimeo.refresh_status ORDER BY dest_table`
+
+// sqlAgentsAlive counts the agents whose heartbeat is recent, and tells
+// when the last one was seen.
+const sqlAgentsAlive = `
+SELECT count(*) FILTER (WHERE status = 'running' AND last_seen > clock_timestamp() - $1::float8 * interval '1 second'), max(last_seen)
+FROM mimeo.agent`
+
+// exitUnhealthy is status' exit status when a table is failing, invalid,
+// overdue or never run, or no agent is alive.
+const exitUnhealthy = 4
+
+// errUnhealthy makes status exit with exitUnhealthy; the words are on
+// stderr already.
+var errUnhealthy = errors.New("unhealthy")
+
+// tableStatus is one table in status --json.
+type tableStatus struct {
+	DestTable        string     `json:"dest_table"`
+	Type             string     `json:"type"`
+	Dblink           int        `json:"dblink"`
+	SourceTable      string     `json:"source_table"`
+	LastRun          *time.Time `json:"last_run"`
+	LastSuccess      *time.Time `json:"last_success"`
+	LastError        *string    `json:"last_error"`
+	LagSeconds       *float64   `json:"lag_seconds"`
+	PeriodSeconds    *float64   `json:"period_seconds"`
+	LastValue        string     `json:"last_value,omitempty"`
+	Pending          string     `json:"pending,omitempty"`
+	LastValidatedAt  *time.Time `json:"last_validated_at"`
+	LastValidationOK *bool      `json:"last_validation_ok"`
+	Health           string     `json:"health"`
+	Why              string     `json:"why,omitempty"`
+}
+
+// statusReport is status --json's document.
+type statusReport struct {
+	Healthy     bool          `json:"healthy"`
+	AgentsAlive int           `json:"agents_alive"`
+	LastSeen    *time.Time    `json:"agent_last_seen"`
+	Problems    []string      `json:"problems"`
+	Tables      []tableStatus `json:"tables"`
+}
 
 func cmdStatus(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	f := newFlags("status", "status [flags]", stderr)
+	asJSON := f.fs.Bool("json", false, "print a JSON document instead of the table")
 	if err := f.fs.Parse(args); err != nil {
 		return err
 	}
@@ -137,25 +183,63 @@ func cmdStatus(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		return err
 	}
 	defer conn.Close(context.WithoutCancel(ctx))
+	rep := statusReport{Problems: []string{}, Tables: []tableStatus{}}
+	if err := conn.QueryRow(ctx, sqlAgentsAlive, cfg.AgentTimeout.Seconds()).Scan(&rep.AgentsAlive, &rep.LastSeen); err != nil {
+		return fmt.Errorf("read mimeo.agent: %w", err)
+	}
 	rows, err := conn.Query(ctx, sqlStatus)
 	if err != nil {
 		return fmt.Errorf("read mimeo.refresh_status: %w", err)
 	}
 	defer rows.Close()
 	w := tabwriter.NewWriter(stdout, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(w, "TABLE\tTYPE\tSOURCE\tLAST RUN\tLAST VALUE\tLAST OUTCOME\tPENDING")
+	if !*asJSON {
+		fmt.Fprintln(w, "TABLE\tTYPE\tSOURCE\tLAST RUN\tLAST VALUE\tLAST OUTCOME\tPENDING\tHEALTH")
+	}
 	for rows.Next() {
-		var dest, typ, src, lastRun, outcome, pending, lastValue string
-		var dblink int
-		if err := rows.Scan(&dest, &typ, &dblink, &src, &lastRun, &outcome, &pending, &lastValue); err != nil {
+		var t tableStatus
+		var lastRun, outcome string
+		if err := rows.Scan(&t.DestTable, &t.Type, &t.Dblink, &t.SourceTable, &lastRun, &outcome, &t.Pending, &t.LastValue,
+			&t.Health, &t.Why, &t.LastRun, &t.LastSuccess, &t.LastError, &t.LagSeconds, &t.PeriodSeconds,
+			&t.LastValidatedAt, &t.LastValidationOK); err != nil {
 			return fmt.Errorf("read mimeo.refresh_status: %w", err)
 		}
-		fmt.Fprintf(w, "%s\t%s\t%d:%s\t%s\t%s\t%s\t%s\n", dest, typ, dblink, src, lastRun, lastValue, outcome, pending)
+		rep.Tables = append(rep.Tables, t)
+		if t.Health != "ok" {
+			rep.Problems = append(rep.Problems, fmt.Sprintf("%s is %s: %s", t.DestTable, t.Health, t.Why))
+		}
+		if !*asJSON {
+			fmt.Fprintf(w, "%s\t%s\t%d:%s\t%s\t%s\t%s\t%s\t%s\n", t.DestTable, t.Type, t.Dblink, t.SourceTable, lastRun,
+				t.LastValue, outcome, t.Pending, t.Health)
+		}
 	}
 	if err := rows.Err(); err != nil {
 		return fmt.Errorf("read mimeo.refresh_status: %w", err)
 	}
-	return w.Flush()
+	if rep.AgentsAlive == 0 {
+		seen := "no agent has ever registered"
+		if rep.LastSeen != nil {
+			seen = "the last heartbeat was at " + rep.LastSeen.Format(time.RFC3339)
+		}
+		rep.Problems = append(rep.Problems, "no mimeo-agent is alive ("+seen+"): nothing is refreshed")
+	}
+	rep.Healthy = len(rep.Problems) == 0
+	if *asJSON {
+		enc := json.NewEncoder(stdout)
+		enc.SetIndent("", "  ")
+		if err := enc.Encode(rep); err != nil {
+			return err
+		}
+	} else if err := w.Flush(); err != nil {
+		return err
+	}
+	for _, p := range rep.Problems {
+		fmt.Fprintln(stderr, "mimeo-agent status: warning: "+p)
+	}
+	if !rep.Healthy {
+		return errUnhealthy
+	}
+	return nil
 }
 
 func cmdVersion(ctx context.Context, args []string, stdout, stderr io.Writer) error {

@@ -25,7 +25,9 @@ Usage:
   mimeo-agent install             create or upgrade the mimeo schema on the destination
   mimeo-agent run                 serve requests until SIGINT/SIGTERM
   mimeo-agent refresh <table>     refresh one table now, synchronously (for cron; quiet unless it fails, -v to see it)
-  mimeo-agent status              one line per replicated table
+  mimeo-agent status [--json]     one line per replicated table with its health; warns (stderr) and
+                                exits 4 when a table is failing, invalid, overdue or never run, or
+                                no agent is alive
   mimeo-agent version             print versions
 
 The destination database comes from MIMEO_DATABASE_URL or --database-url.
@@ -33,7 +35,7 @@ Run "mimeo-agent <command> --help" for a command's flags.
 
 Exit status: 0 on success, 1 on failure, 2 for bad usage, 3 when the
 destination's mimeo schema is not this binary's version (install or
-upgrade it, or run the matching binary).
+upgrade it, or run the matching binary), 4 when status finds a problem.
 `
 
 func main() {
@@ -76,6 +78,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return 0
 	case errors.Is(err, errUsage):
 		return 2
+	case errors.Is(err, errUnhealthy):
+		return exitUnhealthy
 	case errors.Is(err, agent.ErrSchemaMissing), errors.Is(err, agent.ErrSchemaChanged):
 		fmt.Fprintf(stderr, "mimeo-agent %s: %v\n", cmd, err)
 		return exitSchema

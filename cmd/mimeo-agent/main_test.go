@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
 	"os"
 	"strings"
@@ -125,10 +126,29 @@ GRANT SELECT ON public.t TO mimeo_repl`))
 	require.Contains(t, stderr, "source table does not exist")
 	require.Equal(t, 1, strings.Count(stderr, "\n"), "one line for cron: %s", stderr)
 
-	code, stdout, _ = cli("status")
-	require.Equal(t, 0, code)
+	code, stdout, stderr = cli("status")
+	require.Equal(t, 4, code, "a failing table and no agent alive: %s", stderr)
 	require.Contains(t, stdout, "public.t")
 	require.Contains(t, stdout, "failed: ")
+	require.Contains(t, stderr, "warning: public.t is failing: ")
+	require.Contains(t, stderr, "warning: no mimeo-agent is alive")
+	code, stdout, _ = cli("status", "--json")
+	require.Equal(t, 4, code)
+	var rep struct {
+		Healthy     bool `json:"healthy"`
+		AgentsAlive int  `json:"agents_alive"`
+		Tables      []struct {
+			DestTable string `json:"dest_table"`
+			Health    string `json:"health"`
+			Why       string `json:"why"`
+		} `json:"tables"`
+	}
+	require.NoError(t, json.Unmarshal([]byte(stdout), &rep), stdout)
+	require.False(t, rep.Healthy)
+	require.Zero(t, rep.AgentsAlive)
+	require.Len(t, rep.Tables, 1)
+	require.Equal(t, "failing", rep.Tables[0].Health)
+	require.Contains(t, rep.Tables[0].Why, "source table does not exist")
 
 	code, stdout, _ = cli("version")
 	require.Equal(t, 0, code)
