@@ -72,6 +72,7 @@ func New(ctx context.Context, cfg Config, logger hclog.Logger) (*Agent, error) {
 		return nil, fmt.Errorf("connect to destination: %w", err)
 	}
 	a := &Agent{cfg: cfg, log: logger, pool: pool, sources: newSources(cfg, logger.Named("source")), stopping: make(chan struct{}), metrics: newMetrics()}
+	a.metrics.registry.MustRegister(&tableCollector{pool: pool, timeout: cfg.AgentTimeout})
 	a.jobCtx, a.cancelJob = context.WithCancel(context.WithoutCancel(ctx))
 	a.handlers = a.registerHandlers()
 	a.logical = logical.New(logical.Config{MemoryBudget: cfg.LogicalMemory, WALWarnBytes: cfg.LogicalWALWarning, Faults: cfg.LogicalFaults},

@@ -118,4 +118,34 @@ func TestMetricsEndpoint(t *testing.T) {
 			strings.Contains(body, `mimeo_requests_total{action="snapshot_maker",status="done"} 1`)
 	}, 5*time.Second, 50*time.Millisecond, "metrics: %s", body)
 	require.Contains(t, body, `mimeo_rows_moved_total{action="snapshot_maker"} 25`)
+	// Per table, by name.
+	require.Contains(t, body, `mimeo_table_rows_moved_total{dest_table="public.items"} 25`)
+	require.Contains(t, body, `mimeo_table_healthy{dest_table="public.items",type="snap"} 1`)
+	require.Contains(t, body, `mimeo_table_last_validation_ok{dest_table="public.items",type="snap"} 1`)
+	require.Contains(t, body, `mimeo_table_last_success_timestamp_seconds{dest_table="public.items",type="snap"}`)
+	require.Contains(t, body, `mimeo_table_lag_seconds{dest_table="public.items",type="snap"}`)
+	require.Contains(t, body, `mimeo_agents_alive 1`)
+	require.Contains(t, body, `mimeo_table_metrics_up 1`)
+
+	// A copy found wrong pages: healthy drops to 0.
+	e.exec(e.dst, `DELETE FROM public.items WHERE id = 3`)
+	e.done(`SELECT mimeo.validate('public.items')`)
+	require.Eventually(t, func() bool {
+		resp, err := http.Get("http://" + addr + "/metrics")
+		if err != nil {
+			return false
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		body = string(b)
+		return strings.Contains(body, `mimeo_table_healthy{dest_table="public.items",type="snap"} 0`) &&
+			strings.Contains(body, `mimeo_table_last_validation_ok{dest_table="public.items",type="snap"} 0`)
+	}, 10*time.Second, 100*time.Millisecond, "metrics: %s", body)
+
+	resp, err := http.Get("http://" + addr + "/healthz")
+	require.NoError(t, err)
+	b, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	require.Equal(t, http.StatusOK, resp.StatusCode)
+	require.Equal(t, "ok\n", string(b))
 }

@@ -22,6 +22,10 @@ type metrics struct {
 	rows     *prometheus.CounterVec
 	duration *prometheus.HistogramVec
 	running  prometheus.Gauge
+	// Per table: what its runs on this agent moved, and how often they
+	// failed (10,000 tables are 10,000 series).
+	tableRows     *prometheus.CounterVec
+	tableFailures *prometheus.CounterVec
 }
 
 func newMetrics() *metrics {
@@ -44,20 +48,35 @@ func newMetrics() *metrics {
 			Name: "mimeo_runs_in_progress",
 			Help: "Runs in progress on this agent.",
 		}),
+		tableRows: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "mimeo_table_rows_moved_total",
+			Help: "Rows this agent's runs of the table copied into the destination.",
+		}, []string{"dest_table"}),
+		tableFailures: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "mimeo_table_failures_total",
+			Help: "Runs of the table on this agent that failed.",
+		}, []string{"dest_table"}),
 	}
-	m.registry.MustRegister(m.requests, m.rows, m.duration, m.running,
+	m.registry.MustRegister(m.requests, m.rows, m.duration, m.running, m.tableRows, m.tableFailures,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
 
-// observe records a finished run.
-func (m *metrics) observe(action string, out queue.Outcome, elapsed time.Duration) {
+// observe records a finished run of dest ("" for none).
+func (m *metrics) observe(action, dest string, out queue.Outcome, elapsed time.Duration) {
 	if out.Status == "" {
 		return // handed back to the queue
 	}
 	m.requests.WithLabelValues(action, out.Status).Inc()
 	m.rows.WithLabelValues(action).Add(float64(out.Rows))
 	m.duration.WithLabelValues(action).Observe(elapsed.Seconds())
+	if dest == "" {
+		return
+	}
+	m.tableRows.WithLabelValues(dest).Add(float64(out.Rows))
+	if out.Status == queue.StatusFailed {
+		m.tableFailures.WithLabelValues(dest).Inc()
+	}
 }
 
 // serveMetrics serves /metrics on addr until ctx ends.
@@ -68,6 +87,7 @@ func (a *Agent) serveMetrics(ctx context.Context, addr string) error {
 	}
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.HandlerFor(a.metrics.registry, promhttp.HandlerOpts{}))
+	mux.HandleFunc("/healthz", a.healthz)
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
 	go func() {
 		<-ctx.Done()
@@ -82,4 +102,29 @@ func (a *Agent) serveMetrics(ctx context.Context, addr string) error {
 		}
 	}()
 	return nil
+}
+
+// healthz answers 200 "ok" while the agent is registered, not stopping and
+// its destination answers; 503 with the reason otherwise.
+func (a *Agent) healthz(w http.ResponseWriter, r *http.Request) {
+	ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
+	defer cancel()
+	var why string
+	switch {
+	case a.shuttingDown():
+		why = "stopping"
+	case a.agentID() == 0:
+		why = "not registered with the destination yet"
+	default:
+		if err := a.pool.Ping(ctx); err != nil {
+			why = "destination unreachable: " + err.Error()
+		}
+	}
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	if why != "" {
+		w.WriteHeader(http.StatusServiceUnavailable)
+		_, _ = w.Write([]byte(why + "\n"))
+		return
+	}
+	_, _ = w.Write([]byte("ok\n"))
 }

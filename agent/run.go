@@ -161,7 +161,7 @@ func (a *Agent) execute(ctx context.Context, req queue.Request) queue.Outcome {
 	log := a.log.With("request_id", req.ID, "action", req.Action, "table", req.DestTable)
 	start := time.Now()
 	out := a.executeLogged(ctx, req, log)
-	a.metrics.observe(req.Action, out, time.Since(start))
+	a.metrics.observe(req.Action, req.DestTable, out, time.Since(start))
 	if out.Status == "" {
 		// Interrupted by shutdown. The run's connection, and with it the
 		// table lock, is gone by now, so whoever takes the request next
