@@ -361,10 +361,10 @@ func (c *comparison) result() checkRow {
 		SourceRows: &c.srcRows, DestRows: &c.dstRows, Chunks: len(c.chunks), Differing: len(c.differ)}
 	switch {
 	case row.OK:
-		row.Detail = fmt.Sprintf("%d rows in %d chunks match", c.srcRows, len(c.chunks))
+		row.Detail = fmt.Sprintf("%d rows in %s match", c.srcRows, plural(len(c.chunks), "chunk", "chunks"))
 	default:
-		row.Detail = fmt.Sprintf("%d of %d chunks differ (source %d rows, destination %d)", len(c.differ), len(c.chunks), c.srcRows, c.dstRows)
-		if len(c.spec.Key) > 0 {
+		row.Detail = fmt.Sprintf("%d of %s differ (source %d rows, destination %d)", len(c.differ), plural(len(c.chunks), "chunk", "chunks"), c.srcRows, c.dstRows)
+		if len(c.spec.Key) > 0 && len(c.chunks) > 1 {
 			first := c.chunks[c.differ[0]]
 			row.Detail += "; first at " + describeChunk(c.spec, first)
 		}

@@ -310,7 +310,7 @@ func TestSnapshotMonitorForceAndDebugNotices(t *testing.T) {
 	require.NoError(t, err)
 	joined = strings.Join(notices, "\n")
 	require.NotContains(t, joined, "Compare [OK", "steps only with p_debug")
-	require.Contains(t, joined, "checksum public.items: 1 of 1 chunks differ")
+	require.Contains(t, joined, "checksum public.items: 1 of 1 chunk differ")
 }
 
 // Bad input is refused at the call, before anything is queued.
