@@ -1,6 +1,7 @@
 package agent_test
 
 import (
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -196,4 +197,53 @@ func TestAgentKilledMidBatch(t *testing.T) {
 	o := e.await(id)
 	require.Equal(t, "done", o.Status, "error: %v", deref(o.Error))
 	e.requireSame("public.feed", "public.feed")
+}
+
+// A source runs at most its dblink_mapping.max_runs requests at once, over
+// all agents, however many workers are free; other sources are not held
+// back by it.
+func TestPerSourceRunLimit(t *testing.T) {
+	t.Parallel()
+	e := setup(t)
+	var tables []string
+	for i := range 20 {
+		tbl := fmt.Sprintf(`public."lim %02d"`, i)
+		e.createItems(tbl, 100)
+		tables = append(tables, tbl)
+	}
+	e.exec(e.dst, `UPDATE mimeo.dblink_mapping SET max_runs = 2 WHERE data_source_id = $1`, e.dblink)
+	// Three agents of one worker each: three could run at once, and only
+	// agents that claim side by side can reach the limit.
+	cfg := e.config()
+	cfg.Workers = 1
+	for range 3 {
+		e.startAgent(cfg)
+	}
+	for _, tbl := range tables {
+		e.request(`SELECT mimeo.snapshot_maker($1, $2, p_pulldata => false)`, tbl, e.dblink)
+	}
+	require.Eventually(t, func() bool {
+		return e.count(`(SELECT 1 FROM mimeo.request WHERE status IN ('queued', 'running')) q`) == 0
+	}, 60*time.Second, 50*time.Millisecond)
+	for _, tbl := range tables {
+		e.slowSourceBy(tbl, "0.004") // 0.4 s a run
+	}
+	for _, tbl := range tables {
+		e.request(`SELECT mimeo.refresh_snap($1)`, tbl)
+	}
+	require.Eventually(t, func() bool {
+		return e.count(`(SELECT 1 FROM mimeo.request WHERE status IN ('queued', 'running')) q`) == 0
+	}, 90*time.Second, 100*time.Millisecond)
+	var overlap, done, agents int
+	require.NoError(t, e.dst.QueryRow(e.ctx, `
+SELECT max((SELECT count(*) FROM mimeo.request q WHERE q.action = 'refresh_snap'
+            AND q.started_at <= r.started_at AND q.finished_at > r.started_at)),
+       count(*) FILTER (WHERE r.status = 'done'), count(DISTINCT r.agent_id)
+FROM mimeo.request r WHERE r.action = 'refresh_snap'`).Scan(&overlap, &done, &agents))
+	require.Equal(t, 20, done)
+	require.Equal(t, 2, overlap, "at most max_runs at once, and the limit is used")
+	require.GreaterOrEqual(t, agents, 2, "the agents shared the work")
+	for _, tbl := range tables {
+		e.requireSame(tbl, tbl)
+	}
 }

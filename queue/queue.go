@@ -61,20 +61,10 @@ const (
 
 	requestColumns = `r.id, r.action, coalesce(r.dest_table, ''), r.args, r.requested_by, r.requested_at, r.attempts`
 
-	// Oldest first; SKIP LOCKED lets several agents claim side by side.
-	sqlClaim = `
-WITH next AS (
-    SELECT id FROM mimeo.request
-    WHERE status = 'queued'
-    ORDER BY id
-    LIMIT $2
-    FOR UPDATE SKIP LOCKED
-)
-UPDATE mimeo.request r
-SET status = 'running', started_at = clock_timestamp(), agent_id = $1,
-    attempts = r.attempts + 1, finished_at = NULL
-FROM next WHERE r.id = next.id
-RETURNING ` + requestColumns
+	// Oldest first, at most max_runs per source (mimeo.claim serializes
+	// claims, so agents claiming at once cannot overrun a source).
+	sqlClaim = `SELECT r.id, r.action, coalesce(r.dest_table, ''), r.args, r.requested_by, r.requested_at, r.attempts
+FROM mimeo.claim($1, $2) r`
 
 	sqlClaimID = `
 UPDATE mimeo.request r
@@ -117,7 +107,8 @@ func Enqueue(ctx context.Context, db DB, action, destTable string, args any) (in
 }
 
 // Claim marks up to limit queued requests as running by agentID and
-// returns them, oldest first.
+// returns them, oldest first, leaving queued those whose source already
+// runs as many as its dblink_mapping.max_runs allows.
 func Claim(ctx context.Context, db DB, agentID int64, limit int) ([]Request, error) {
 	rows, err := db.Query(ctx, sqlClaim, agentID, limit)
 	if err != nil {

@@ -43,6 +43,56 @@ COMMENT ON TABLE mimeo.validation IS
 COMMENT ON COLUMN mimeo.validation.repaired IS
     'validate(p_repair => true): true once every differing chunk was re-pulled and then matched; NULL when no repair was asked.';
 
+-- max_runs: how many runs may read from one source at once, over all
+-- agents, so one busy source cannot take every worker or be overloaded.
+ALTER TABLE mimeo.dblink_mapping ADD COLUMN max_runs int NOT NULL DEFAULT 4 CHECK (max_runs > 0);
+COMMENT ON COLUMN mimeo.dblink_mapping.max_runs IS
+    'How many requests reading this source may run at once, over all agents (the logical stream aside).';
+
+------------------------------------------------------------------------------
+-- Claiming: oldest first, at most max_runs per source.
+------------------------------------------------------------------------------
+
+-- The source a request reads: its table's, or a maker's dblink argument.
+CREATE FUNCTION mimeo.request_source(p_dest_table text, p_args jsonb) RETURNS int
+LANGUAGE sql STABLE AS $$
+    SELECT coalesce((SELECT c.dblink FROM mimeo.refresh_config c WHERE c.dest_table = p_dest_table),
+                    CASE WHEN jsonb_typeof(p_args->'dblink') = 'number' THEN (p_args->>'dblink')::int END)
+$$;
+
+-- Marks up to p_limit queued requests running by agent p_agent_id and
+-- returns them, oldest first, skipping those whose source already runs
+-- its max_runs. Claims are serialized (one short lock), so two agents
+-- claiming at once cannot both take a source's last free run.
+CREATE FUNCTION mimeo.claim(p_agent_id bigint, p_limit int) RETURNS SETOF mimeo.request
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_advisory_xact_lock(mimeo.agent_lock_key(), -2);
+    RETURN QUERY
+    WITH busy AS (
+        SELECT mimeo.request_source(r.dest_table, r.args) AS dblink, count(*) AS n
+        FROM mimeo.request r WHERE r.status = 'running' GROUP BY 1
+    ), queued AS (
+        SELECT r.id, mimeo.request_source(r.dest_table, r.args) AS dblink
+        FROM mimeo.request r WHERE r.status = 'queued'
+        ORDER BY r.id LIMIT greatest(p_limit, 0) * 50 + 100
+    ), ranked AS (
+        SELECT q.id, q.dblink, row_number() OVER (PARTITION BY q.dblink ORDER BY q.id) AS rn FROM queued q
+    ), next AS (
+        SELECT k.id FROM ranked k
+        LEFT JOIN busy b ON b.dblink = k.dblink
+        LEFT JOIN mimeo.dblink_mapping m ON m.data_source_id = k.dblink
+        WHERE k.dblink IS NULL OR m.data_source_id IS NULL OR coalesce(b.n, 0) + k.rn <= m.max_runs
+        ORDER BY k.id LIMIT greatest(p_limit, 0)
+    )
+    UPDATE mimeo.request r
+    SET status = 'running', started_at = clock_timestamp(), agent_id = p_agent_id,
+        attempts = r.attempts + 1, finished_at = NULL
+    FROM next WHERE r.id = next.id AND r.status = 'queued'
+    RETURNING r.*;
+END
+$$;
+
 ------------------------------------------------------------------------------
 -- Checks.
 ------------------------------------------------------------------------------
