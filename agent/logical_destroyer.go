@@ -3,6 +3,7 @@ package agent
 import (
 	"context"
 	"fmt"
+	"strings"
 
 	"github.com/jackc/pgx/v5"
 
@@ -31,23 +32,38 @@ func (a *Agent) destroyLogical(ctx context.Context, r *run) error {
 FROM mimeo.logical_source s WHERE s.dblink = $1`, cfg.Dblink, r.req.DestTable, cfg.Source.String()).Scan(&names.Slot, &names.Publication, &sameTable, &others); err != nil {
 		return fail(fmt.Errorf("read logical source %d: %w", cfg.Dblink, err))
 	}
+	// With p_force, a source that cannot be reached or changed is left as
+	// it is, and the message says what to run there.
+	var left []string
 	src, _, err := a.sources.acquire(ctx, r.dst, cfg.Dblink)
 	if err != nil {
-		return fail(fmt.Errorf("%w (the source's publication must be changed first; fix the connection and retry)", err))
+		if !args.Force || ctx.Err() != nil {
+			return fail(fmt.Errorf("%w (the source's publication must be changed first; fix the connection and retry, or use p_force => true)", err))
+		}
+		r.note(ctx, "Connect to source", fmt.Sprintf("p_force: cannot reach source %d (%v); the source side stays", cfg.Dblink, err), true)
+		src = nil
+	} else {
+		defer src.Release()
 	}
-	defer src.Release()
 	if sameTable == 0 {
-		tx, err := beginWrite(ctx, src)
-		if err != nil {
-			return fail(err)
+		if src != nil {
+			err = func() error {
+				tx, err := beginWrite(ctx, src)
+				if err != nil {
+					return err
+				}
+				defer func() { _ = tx.Rollback(context.WithoutCancel(ctx)) }()
+				if err := logical.DropFromPublication(ctx, tx, names.Publication, cfg.Source); err != nil {
+					return err
+				}
+				return tx.Commit(ctx)
+			}()
+			if err != nil && (!args.Force || ctx.Err() != nil) {
+				return fail(err)
+			}
 		}
-		err = logical.DropFromPublication(ctx, tx, names.Publication, cfg.Source)
-		if err == nil {
-			err = tx.Commit(ctx)
-		}
-		_ = tx.Rollback(context.WithoutCancel(ctx))
-		if err != nil {
-			return fail(err)
+		if src == nil || err != nil {
+			left = append(left, fmt.Sprintf("ALTER PUBLICATION %s DROP TABLE %s;", ident.Quote(names.Publication), cfg.Source.Sanitize()))
 		}
 	}
 	msg := "kept " + r.dest.String() + " as a plain table"
@@ -63,8 +79,24 @@ FROM mimeo.logical_source s WHERE s.dblink = $1`, cfg.Dblink, r.req.DestTable, c
 	}); err != nil {
 		return fail(err)
 	}
+	leftMsg := func() string {
+		if len(left) == 0 {
+			return ""
+		}
+		return fmt.Sprintf("; p_force: the source side stays on source %d; run there, as a superuser or the publication's owner: %s",
+			cfg.Dblink, strings.Join(left, " "))
+	}
 	if others > 0 {
-		return withTx(ctx, r.dst, func(tx pgx.Tx) error { return r.complete(ctx, tx, 0, msg) })
+		return withTx(ctx, r.dst, func(tx pgx.Tx) error { return r.complete(ctx, tx, 0, msg+leftMsg()) })
+	}
+	// forgetSource drops the destination's record of a source that cannot
+	// be reached (p_force): its slot and publication stay there.
+	forgetSource := func(ctx context.Context, tx pgx.Tx) error {
+		if _, err := tx.Exec(ctx, `DELETE FROM mimeo.logical_source WHERE dblink = $1`, cfg.Dblink); err != nil {
+			return err
+		}
+		left = []string{fmt.Sprintf("SELECT pg_drop_replication_slot(%s); DROP PUBLICATION %s;", quoteLiteral(names.Slot), ident.Quote(names.Publication))}
+		return r.complete(ctx, tx, 0, msg+leftMsg()+" (its last logical table: the slot keeps WAL on the source until it is dropped)")
 	}
 	// The last table: the stream stops (it has nothing left), then the
 	// slot and the publication go.
@@ -81,6 +113,9 @@ FROM mimeo.logical_source s WHERE s.dblink = $1`, cfg.Dblink, r.req.DestTable, c
 		}
 		if left { // a maker added a table meanwhile: the slot stays
 			return r.complete(ctx, tx, 0, msg)
+		}
+		if src == nil {
+			return forgetSource(ctx, tx)
 		}
 		if err := logical.DropSlot(ctx, src, names.Slot); err != nil {
 			return err

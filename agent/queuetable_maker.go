@@ -188,19 +188,38 @@ func lockHint(err error) error {
 // destroyQueued removes the source objects this table's config names, then
 // the config and (unless ARCHIVE) the destination table.
 func (a *Agent) destroyQueued(ctx context.Context, r *run, typ string) error {
+	var args destroyerArgs
+	if err := r.args(&args); err != nil {
+		return err
+	}
 	cfg, err := loadQueueConfig(ctx, r.dst, typ, r.req.DestTable)
 	if err != nil {
 		return err
 	}
-	src, _, err := a.sources.acquire(ctx, r.dst, cfg.Dblink)
+	leftSQL := strings.Join(cfg.Names.Drop(), "; ") + ";"
+	err = func() error {
+		src, _, err := a.sources.acquire(ctx, r.dst, cfg.Dblink)
+		if err != nil {
+			return fmt.Errorf("%w (the source objects must be removed first; fix the connection and retry, or use p_force => true)", err)
+		}
+		defer src.Release()
+		if err := execSource(ctx, src, append([]string{sqlDDLLockTimeout}, cfg.Names.Drop()...)); err != nil {
+			return fmt.Errorf("remove source objects: %w", lockHint(err))
+		}
+		r.note(ctx, "Remove source objects", "removed "+cfg.Names.Queue.String()+", "+cfg.Names.Function.String()+" and the triggers", false)
+		return nil
+	}()
 	if err != nil {
-		return fmt.Errorf("%s_destroyer %s: %w (the source objects must be removed first; fix the connection and retry)", typ, r.dest, err)
+		if !args.Force || ctx.Err() != nil {
+			return fmt.Errorf("%s_destroyer %s: %w", typ, r.dest, err)
+		}
+		left := fmt.Sprintf("p_force: the source objects stay on source %d (%v); remove them there, as the replication role: %s",
+			cfg.Dblink, err, leftSQL)
+		r.note(ctx, "Remove source objects", left, true)
+		r.beforeComplete = func(_ context.Context, _ pgx.Tx, message string) (string, error) {
+			return message + "; " + left, nil
+		}
 	}
-	defer src.Release()
-	if err := execSource(ctx, src, append([]string{sqlDDLLockTimeout}, cfg.Names.Drop()...)); err != nil {
-		return fmt.Errorf("%s_destroyer %s: remove source objects: %w", typ, r.dest, lockHint(err))
-	}
-	r.note(ctx, "Remove source objects", "removed "+cfg.Names.Queue.String()+", "+cfg.Names.Function.String()+" and the triggers", false)
 	return a.destroyTable(ctx, r)
 }
 

@@ -98,6 +98,7 @@ func (m makerArgs) indexes() bool { return m.Index == nil || *m.Index }
 // destroyerArgs are the arguments of the *_destroyer requests.
 type destroyerArgs struct {
 	Archive bool `json:"archive"`
+	Force   bool `json:"force"` // remove the destination side even when the source's cannot be
 }
 
 func snapTables(view ident.Name) (ident.Name, ident.Name) {

@@ -322,3 +322,50 @@ func TestValidationInput(t *testing.T) {
 	require.Contains(t, e.sqlError(`SELECT mimeo.snapshot_monitor(p_rowcount => -1)`), "must not be negative")
 	require.Contains(t, e.sqlError(`SELECT mimeo.snapshot_monitor(p_destination => 'public.x; DROP TABLE y')`), "is not a valid name")
 }
+
+// A destroyer whose source cannot be reached refuses, unless forced; then
+// it removes the destination side and says what to run on the source.
+func TestForcedDestroyers(t *testing.T) {
+	t.Parallel()
+	e := setupLogical(t)
+	e.exec(e.app, `CREATE TABLE public."Dml; t" (id int PRIMARY KEY, v text)`)
+	e.exec(e.app, `CREATE TABLE public.lg (id int PRIMARY KEY, v text)`)
+	e.exec(e.app, `INSERT INTO public."Dml; t" VALUES (1, 'a')`)
+	e.exec(e.app, `INSERT INTO public.lg VALUES (1, 'a')`)
+	e.exec(e.src, `CREATE SCHEMA IF NOT EXISTS mimeo AUTHORIZATION `+logicalRole)
+	e.exec(e.app, `GRANT SELECT, TRIGGER ON public."Dml; t", public.lg TO `+logicalRole)
+	e.startAgent(e.config())
+	e.done(`SELECT mimeo.dml_maker('public."Dml; t"', $1)`, e.dblink)
+	e.done(`SELECT mimeo.logical_maker('public.lg', $1)`, e.dblink)
+	before := e.sourceObjects()
+	require.NotZero(t, before)
+
+	var pwd string
+	require.NoError(t, e.dst.QueryRow(e.ctx, `SELECT pwd FROM mimeo.dblink_mapping WHERE data_source_id = $1`, e.dblink).Scan(&pwd))
+	e.exec(e.dst, `UPDATE mimeo.dblink_mapping SET pwd = 'wrong' WHERE data_source_id = $1`, e.dblink)
+	require.Contains(t, e.failed(`SELECT mimeo.dml_destroyer('public."Dml; t"')`), "p_force => true")
+	o := e.done(`SELECT mimeo.dml_destroyer('public."Dml; t"', p_force => true)`)
+	require.Contains(t, *o.Message, `dropped public."Dml; t"`)
+	require.Contains(t, *o.Message, "DROP FUNCTION IF EXISTS")
+	dmlSQL := (*o.Message)[strings.Index(*o.Message, "DROP FUNCTION"):]
+	o = e.done(`SELECT mimeo.logical_destroyer('public.lg', p_force => true)`)
+	require.Contains(t, *o.Message, "dropped public.lg")
+	require.Contains(t, *o.Message, "pg_drop_replication_slot(")
+	slotSQL := (*o.Message)[strings.Index(*o.Message, "SELECT pg_drop_replication_slot"):strings.Index(*o.Message, " (its last")]
+	require.Zero(t, e.count(`mimeo.refresh_config`))
+	require.Zero(t, e.count(`mimeo.logical_source`))
+	for _, tbl := range []string{`public."Dml; t"`, "public.lg"} {
+		var exists bool
+		require.NoError(t, e.dst.QueryRow(e.ctx, `SELECT to_regclass($1) IS NOT NULL`, tbl).Scan(&exists))
+		require.False(t, exists, tbl)
+	}
+
+	// The source side stayed; the SQL given removes it.
+	e.exec(e.dst, `UPDATE mimeo.dblink_mapping SET pwd = $2 WHERE data_source_id = $1`, e.dblink, pwd)
+	require.Equal(t, before, e.sourceObjects())
+	require.NotEmpty(t, e.slots())
+	e.exec(e.src, dmlSQL)
+	e.exec(e.src, slotSQL)
+	require.Zero(t, e.sourceObjects())
+	require.Empty(t, e.slots())
+}

@@ -247,7 +247,9 @@ END
 $$;
 
 ------------------------------------------------------------------------------
--- refresh_snap(p_force): copy even when the source looks unchanged. The
+-- refresh_snap(p_force): copy even when the source looks unchanged; the
+-- destroyers that touch the source (dml, logdel, logical) gain p_force:
+-- remove the destination side even when the source cannot be reached. The
 -- grants DBAs gave on the old signatures are given to the new ones, and a
 -- role that may CALL the waiting procedures may show their steps (see
 -- mimeo.notice_steps below).
@@ -258,11 +260,82 @@ SELECT pg_catalog.set_config('mimeo.upgrade_routine_grants', coalesce((
                                         'grantable', a.is_grantable))
     FROM pg_catalog.pg_proc p
     CROSS JOIN LATERAL aclexplode(p.proacl) a
-    WHERE p.pronamespace = 'mimeo'::regnamespace AND p.proname IN ('refresh_snap', 'refresh_snap_wait', 'commit_and_wait')
+    WHERE p.pronamespace = 'mimeo'::regnamespace
+      AND p.proname IN ('refresh_snap', 'refresh_snap_wait', 'commit_and_wait', 'dml_destroyer', 'dml_destroyer_wait',
+                        'logdel_destroyer', 'logdel_destroyer_wait', 'logical_destroyer', 'logical_destroyer_wait')
       AND a.privilege_type = 'EXECUTE' AND a.grantee <> 0 AND a.grantee <> p.proowner), '[]')::text, true);
 
 DROP PROCEDURE mimeo.refresh_snap_wait(text, boolean, boolean, boolean, interval);
 DROP FUNCTION mimeo.refresh_snap(text, boolean, boolean, boolean);
+DROP PROCEDURE mimeo.dml_destroyer_wait(text, text, interval);
+DROP FUNCTION mimeo.dml_destroyer(text, text);
+DROP PROCEDURE mimeo.logdel_destroyer_wait(text, text, interval);
+DROP FUNCTION mimeo.logdel_destroyer(text, text);
+DROP PROCEDURE mimeo.logical_destroyer_wait(text, text, interval);
+DROP FUNCTION mimeo.logical_destroyer(text, text);
+
+-- p_force: when the source cannot be reached, or its objects cannot be
+-- removed, the destination side is removed all the same, and the request's
+-- message gives the SQL that removes what is left on the source.
+CREATE FUNCTION mimeo.dml_destroyer(p_dest_table text, p_archive_option text DEFAULT NULL, p_force boolean DEFAULT false)
+RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_dest text := mimeo.qualified_name(p_dest_table, 'p_dest_table');
+BEGIN
+    PERFORM mimeo.check_config(v_dest, 'dml');
+    RETURN mimeo.enqueue('dml_destroyer', v_dest, jsonb_build_object(
+        'archive', mimeo.archive_option(p_archive_option), 'force', coalesce(p_force, false)));
+END
+$$;
+
+CREATE FUNCTION mimeo.logdel_destroyer(p_dest_table text, p_archive_option text DEFAULT NULL, p_force boolean DEFAULT false)
+RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_dest text := mimeo.qualified_name(p_dest_table, 'p_dest_table');
+BEGIN
+    PERFORM mimeo.check_config(v_dest, 'logdel');
+    RETURN mimeo.enqueue('logdel_destroyer', v_dest, jsonb_build_object(
+        'archive', mimeo.archive_option(p_archive_option), 'force', coalesce(p_force, false)));
+END
+$$;
+
+CREATE FUNCTION mimeo.logical_destroyer(p_dest_table text, p_archive_option text DEFAULT NULL, p_force boolean DEFAULT false)
+RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_dest text := mimeo.qualified_name(p_dest_table, 'p_dest_table');
+BEGIN
+    PERFORM mimeo.check_config(v_dest, 'logical');
+    RETURN mimeo.enqueue('logical_destroyer', v_dest, jsonb_build_object(
+        'archive', mimeo.archive_option(p_archive_option), 'force', coalesce(p_force, false)));
+END
+$$;
+
+CREATE PROCEDURE mimeo.dml_destroyer_wait(
+    p_dest_table text, p_archive_option text DEFAULT NULL, p_timeout interval DEFAULT '1 hour', p_force boolean DEFAULT false)
+LANGUAGE plpgsql AS $$
+BEGIN
+    CALL mimeo.commit_and_wait(mimeo.dml_destroyer(p_dest_table, p_archive_option, p_force), p_timeout);
+END
+$$;
+
+CREATE PROCEDURE mimeo.logdel_destroyer_wait(
+    p_dest_table text, p_archive_option text DEFAULT NULL, p_timeout interval DEFAULT '1 hour', p_force boolean DEFAULT false)
+LANGUAGE plpgsql AS $$
+BEGIN
+    CALL mimeo.commit_and_wait(mimeo.logdel_destroyer(p_dest_table, p_archive_option, p_force), p_timeout);
+END
+$$;
+
+CREATE PROCEDURE mimeo.logical_destroyer_wait(
+    p_dest_table text, p_archive_option text DEFAULT NULL, p_timeout interval DEFAULT '1 hour', p_force boolean DEFAULT false)
+LANGUAGE plpgsql AS $$
+BEGIN
+    CALL mimeo.commit_and_wait(mimeo.logical_destroyer(p_dest_table, p_archive_option, p_force), p_timeout);
+END
+$$;
 
 CREATE FUNCTION mimeo.refresh_snap(
     p_destination text,
@@ -439,8 +512,8 @@ COMMENT ON VIEW mimeo.refresh_status IS
 REVOKE ALL ON ALL ROUTINES IN SCHEMA mimeo FROM PUBLIC;
 REVOKE ALL ON mimeo.validation FROM PUBLIC;
 
--- Give back the grants refresh_snap and refresh_snap_wait had; a role that
--- may CALL commit_and_wait may now show steps with notice_steps too.
+-- Give back the grants the re-created routines had; a role that may CALL
+-- commit_and_wait may now show steps with notice_steps too.
 DO $$
 DECLARE
     g record;
