@@ -143,6 +143,9 @@ func (a *Agent) Run(parent context.Context) error {
 	bg.Go(func() { a.heartbeat(bgCtx) })
 	bg.Go(func() { a.housekeeping(bgCtx) })
 	bg.Go(func() { a.logical.Run(bgCtx) })
+	if a.cfg.MetricsAddr != "" {
+		bg.Go(func() { a.watchQueues(bgCtx) })
+	}
 
 	a.serve(ctx, listener.C())
 

@@ -149,3 +149,36 @@ func TestMetricsEndpoint(t *testing.T) {
 	require.Equal(t, http.StatusOK, resp.StatusCode)
 	require.Equal(t, "ok\n", string(b))
 }
+
+// An agent serving metrics reports how many changes wait in each dml or
+// logdel table's source queue.
+func TestQueueDepthMetric(t *testing.T) {
+	t.Parallel()
+	e := setup(t)
+	e.exec(e.app, `CREATE TABLE public.q (id int PRIMARY KEY, v text)`)
+	e.prepareTriggers("public.q")
+	e.startAgent(e.config())
+	e.done(`SELECT mimeo.dml_maker('public.q', $1)`, e.dblink)
+	var queue string
+	require.NoError(t, e.dst.QueryRow(e.ctx, `SELECT queue_table FROM mimeo.refresh_config_dml WHERE dest_table = 'public.q'`).Scan(&queue))
+	e.writeAndWaitStats(queue, `INSERT INTO public.q SELECT g, 'v' FROM generate_series(1, 37) g`)
+
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	addr := l.Addr().String()
+	require.NoError(t, l.Close())
+	cfg := e.config()
+	cfg.MetricsAddr = addr
+	e.startAgent(cfg)
+	var body string
+	require.Eventually(t, func() bool {
+		resp, err := http.Get("http://" + addr + "/metrics")
+		if err != nil {
+			return false
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		body = string(b)
+		return strings.Contains(body, `mimeo_table_queue_rows{dest_table="public.q"} 37`)
+	}, 15*time.Second, 100*time.Millisecond, "metrics: %s", body)
+}

@@ -26,6 +26,7 @@ type metrics struct {
 	// failed (10,000 tables are 10,000 series).
 	tableRows     *prometheus.CounterVec
 	tableFailures *prometheus.CounterVec
+	queueRows     *prometheus.GaugeVec // dml/logdel: changes waiting in the source queue
 }
 
 func newMetrics() *metrics {
@@ -56,8 +57,12 @@ func newMetrics() *metrics {
 			Name: "mimeo_table_failures_total",
 			Help: "Runs of the table on this agent that failed.",
 		}, []string{"dest_table"}),
+		queueRows: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "mimeo_table_queue_rows",
+			Help: "dml and logdel: changes waiting in the table's source queue (the source's live-row estimate, read every 30 s).",
+		}, []string{"dest_table"}),
 	}
-	m.registry.MustRegister(m.requests, m.rows, m.duration, m.running, m.tableRows, m.tableFailures,
+	m.registry.MustRegister(m.requests, m.rows, m.duration, m.running, m.tableRows, m.tableFailures, m.queueRows,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
