@@ -171,7 +171,7 @@ func (a *Agent) serve(ctx context.Context, notified <-chan struct{}) {
 	)
 	recoverTick := time.NewTicker(a.cfg.HeartbeatInterval)
 	defer recoverTick.Stop()
-	scheduleTick := time.NewTicker(a.cfg.PollInterval)
+	scheduleTick := time.NewTicker(a.cfg.scheduleEvery())
 	defer scheduleTick.Stop()
 	a.recoverOrphans(ctx)
 	a.schedule(ctx)
