@@ -136,6 +136,41 @@ func (t *checkTarget) destWhere() string {
 	return ""
 }
 
+// uniqueKey is what identifies a row: the replication key, else the
+// source's primary key or first unique index (nil for none).
+func (t *checkTarget) uniqueKey(st *sourceTable) []validate.Column {
+	names := t.Keys
+	if len(names) == 0 {
+		names = sourceUniqueKey(st)
+	}
+	return keyColumns(st, names)
+}
+
+// sourceUniqueKey is the source's primary key or first unique index on
+// plain columns that are all copied.
+func sourceUniqueKey(st *sourceTable) []string {
+	for _, ix := range st.Indexes {
+		if (ix.Primary || ix.Unique) && !ix.HasExpr && len(ix.Columns) > 0 &&
+			!slices.ContainsFunc(ix.Columns, func(c string) bool { return !containsColumn(st.Columns, c) }) {
+			return ix.Columns
+		}
+	}
+	return nil
+}
+
+// keyColumns gives names their source types; nil if one is not copied.
+func keyColumns(st *sourceTable, names []string) []validate.Column {
+	var key []validate.Column
+	for _, n := range names {
+		i := indexOfColumn(st.Columns, n)
+		if i < 0 {
+			return nil
+		}
+		key = append(key, validate.Column{Name: n, Type: st.Columns[i].Type})
+	}
+	return key
+}
+
 // chunkKey picks the columns that order the rows into chunks: the
 // replication key, the control column of an inserter, or the source's
 // primary key or first unique index for snap and table. Nil means one
@@ -148,23 +183,9 @@ func (t *checkTarget) chunkKey(st *sourceTable) []validate.Column {
 	case t.Type == "inserter":
 		names = []string{t.Control}
 	default:
-		for _, ix := range st.Indexes {
-			if (ix.Primary || ix.Unique) && !ix.HasExpr && len(ix.Columns) > 0 &&
-				!slices.ContainsFunc(ix.Columns, func(c string) bool { return !containsColumn(st.Columns, c) }) {
-				names = ix.Columns
-				break
-			}
-		}
+		names = sourceUniqueKey(st)
 	}
-	var key []validate.Column
-	for _, n := range names {
-		i := indexOfColumn(st.Columns, n)
-		if i < 0 {
-			return nil
-		}
-		key = append(key, validate.Column{Name: n, Type: st.Columns[i].Type})
-	}
-	return key
+	return keyColumns(st, names)
 }
 
 // validateColumns turns source columns into the package validate's.

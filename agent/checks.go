@@ -5,11 +5,13 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/mimeo-dev/mimeo/internal/ident"
+	"github.com/mimeo-dev/mimeo/triggers"
 )
 
 // validateRowcount compares the row counts of a table's source and
@@ -29,6 +31,7 @@ func (a *Agent) validateRowcount(ctx context.Context, r *run) error {
 	defer src.Release()
 	var srcRows, dstRows, pending int64
 	var pendingWhat string
+	var truncated bool // a TRUNCATE is queued: the destination has not emptied yet
 	err = func() error {
 		stx, err := src.BeginTx(ctx, pgx.TxOptions{IsoLevel: pgx.RepeatableRead, AccessMode: pgx.ReadOnly})
 		if err != nil {
@@ -45,7 +48,8 @@ func (a *Agent) validateRowcount(ctx context.Context, r *run) error {
 		switch {
 		case t.Queue != nil:
 			pendingWhat = "changes queued on the source"
-			err = stx.QueryRow(ctx, "SELECT count(*) FROM "+t.Queue.Sanitize()).Scan(&pending)
+			err = stx.QueryRow(ctx, "SELECT count(*), count(*) FILTER (WHERE "+ident.Quote(triggers.ColTruncated)+" IS NOT NULL) > 0 FROM "+
+				t.Queue.Sanitize()).Scan(&pending, &truncated)
 		case t.Type == "updater" && t.LastValue != nil:
 			pendingWhat = "source rows changed past last_value"
 			err = stx.QueryRow(ctx, "SELECT count(*) FROM "+t.Source.Sanitize()+" WHERE "+
@@ -75,6 +79,10 @@ func (a *Agent) validateRowcount(ctx context.Context, r *run) error {
 	switch {
 	case diff == 0:
 		row.OK, row.Detail = true, fmt.Sprintf("source and destination have %d rows", srcRows)
+	case truncated:
+		row.OK = true
+		row.Detail = fmt.Sprintf("source %d rows, destination %d: not compared, a TRUNCATE of the source is queued and not applied yet; refresh, then validate",
+			srcRows, dstRows)
 	case diff <= pending:
 		row.OK = true
 		row.Detail = fmt.Sprintf("source %d rows, destination %d: the difference is within the %d %s, which the next refresh applies",
@@ -122,6 +130,7 @@ func (a *Agent) checkAll(ctx context.Context, r *run, kind string, targets []*ch
 			}
 			continue
 		}
+		start, before := time.Now(), len(rows)
 		for _, t := range group {
 			row, err := check(src, t)
 			if err != nil {
@@ -134,6 +143,14 @@ func (a *Agent) checkAll(ctx context.Context, r *run, kind string, targets []*ch
 			rows = append(rows, row)
 		}
 		src.Release()
+		bad := 0
+		for _, row := range rows[before:] {
+			if !row.OK {
+				bad++
+			}
+		}
+		r.job.add(ctx, fmt.Sprintf("Check source %d", group[0].Dblink), start, jobOK,
+			fmt.Sprintf("%s on %s: %d not ok", plural(len(group), "table", "tables"), desc, bad))
 	}
 	var bad []string
 	for _, row := range rows {

@@ -152,7 +152,7 @@ func TestOperatorRoleNeedsOnlyExecute(t *testing.T) {
 	e.exec(e.dst, `GRANT EXECUTE ON FUNCTION mimeo.validate(text, boolean, boolean), mimeo.report_validation(bigint) TO operator`)
 	e.exec(e.dst, `GRANT EXECUTE ON PROCEDURE mimeo.validate_wait(text, boolean, boolean, interval),
     mimeo.commit_and_report(bigint, interval) TO operator`)
-	e.exec(e.dst, `GRANT SELECT ON mimeo.validation TO operator`)
+	e.exec(e.dst, `GRANT SELECT ON mimeo.validation, mimeo.refresh_status TO operator`)
 	op := e.pool(pgtest.Destination().ConnString(e.dstDB, "operator", ""))
 	var id int64
 	require.NoError(t, op.QueryRow(e.ctx, `SELECT mimeo.refresh_snap('public.items')`).Scan(&id))
@@ -169,6 +169,10 @@ func TestOperatorRoleNeedsOnlyExecute(t *testing.T) {
 	var ok bool
 	require.NoError(t, op.QueryRow(e.ctx, `SELECT ok FROM mimeo.validation WHERE dest_table = 'public.items'`).Scan(&ok))
 	require.True(t, ok)
+	var health string
+	require.NoError(t, op.QueryRow(e.ctx, `SELECT health FROM mimeo.refresh_status WHERE dest_table = 'public.items'`).Scan(&health),
+		"refresh_status needs no EXECUTE right")
+	require.Equal(t, "ok", health)
 	for _, q := range []string{
 		`SELECT mimeo.snapshot_destroyer('public.items')`,
 		`INSERT INTO mimeo.request (action, dest_table) VALUES ('snapshot_destroyer', 'public.items')`,

@@ -75,18 +75,25 @@ func (c *tableCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 }
 
+// sqlAgentsAlive counts the agents whose heartbeat is recent and whose
+// session still holds their liveness lock (a killed agent loses it at once).
+const sqlAgentsAlive = `
+SELECT count(*) FROM mimeo.agent a
+WHERE a.status = 'running' AND a.last_seen > clock_timestamp() - $1::float8 * interval '1 second'
+  AND EXISTS (SELECT 1 FROM pg_catalog.pg_locks l
+              WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
+                AND l.database = (SELECT d.oid FROM pg_catalog.pg_database d WHERE d.datname = current_database())
+                AND l.classid = mimeo.agent_lock_key()::oid AND l.objid = a.id::int::oid)`
+
 const sqlTableMetrics = `
 SELECT s.dest_table, s.type, extract(epoch FROM coalesce(s.last_success, s.last_run))::float8,
        extract(epoch FROM s.lag)::float8, extract(epoch FROM s.period)::float8,
        CASE WHEN coalesce(i.control_type, u.control_type) IN ('timestamp', 'timestamptz') AND s.last_value IS NOT NULL
             THEN extract(epoch FROM now() - s.last_value::timestamptz)::float8 END,
-       s.health = 'ok', s.last_validation_ok IS NOT FALSE OR v.repaired IS TRUE, s.pending IS NOT NULL
+       s.health = 'ok', s.last_validation_ok IS NOT FALSE, s.pending IS NOT NULL
 FROM mimeo.refresh_status s
 LEFT JOIN mimeo.refresh_config_inserter i ON i.dest_table = s.dest_table
-LEFT JOIN mimeo.refresh_config_updater u ON u.dest_table = s.dest_table
-LEFT JOIN LATERAL (SELECT x.repaired FROM mimeo.validation x
-    WHERE x.dest_table = s.dest_table AND x.kind IN ('rowcount', 'checksum', 'columns', 'missing')
-    ORDER BY x.id DESC LIMIT 1) v ON true`
+LEFT JOIN mimeo.refresh_config_updater u ON u.dest_table = s.dest_table`
 
 func (c *tableCollector) read(ctx context.Context) ([]prometheus.Metric, error) {
 	var out []prometheus.Metric
@@ -100,8 +107,7 @@ func (c *tableCollector) read(ctx context.Context) ([]prometheus.Metric, error) 
 		return 0
 	}
 	var alive int
-	if err := c.pool.QueryRow(ctx, `SELECT count(*) FROM mimeo.agent WHERE status = 'running' AND last_seen > clock_timestamp() - $1::float8 * interval '1 second'`,
-		c.timeout.Seconds()).Scan(&alive); err != nil {
+	if err := c.pool.QueryRow(ctx, sqlAgentsAlive, c.timeout.Seconds()).Scan(&alive); err != nil {
 		return nil, err
 	}
 	gauge(descAgents, float64(alive))

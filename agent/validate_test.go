@@ -369,3 +369,109 @@ func TestForcedDestroyers(t *testing.T) {
 	require.Zero(t, e.sourceObjects())
 	require.Empty(t, e.slots())
 }
+
+// inserter and updater keep the rows their source deleted: those are not
+// differences, and a repair leaves them alone.
+func TestValidateKeepsRowsTheSourceDeleted(t *testing.T) {
+	t.Parallel()
+	for _, typ := range []string{"inserter", "updater"} {
+		t.Run(typ, func(t *testing.T) {
+			t.Parallel()
+			e := setup(t)
+			e.exec(e.app, `CREATE TABLE public.k (id int PRIMARY KEY, note text, upd timestamptz NOT NULL DEFAULT '2026-01-01')`)
+			e.exec(e.app, `INSERT INTO public.k SELECT g, 'n' || g FROM generate_series(1, 2000) g`)
+			e.exec(e.app, `GRANT SELECT ON public.k TO `+replRole)
+			cfg := e.config()
+			cfg.ValidateChunkRows = 500
+			e.startAgent(cfg)
+			if typ == "inserter" {
+				e.done(`SELECT mimeo.inserter_maker('public.k', 'id', $1, p_boundary => '0')`, e.dblink)
+			} else {
+				e.done(`SELECT mimeo.updater_maker('public.k', 'upd', $1, p_boundary => '0 s')`, e.dblink)
+			}
+			e.exec(e.app, `DELETE FROM public.k WHERE id BETWEEN 100 AND 199`)
+			o := e.done(`SELECT mimeo.validate($1)`, "public.k")
+			require.True(t, strings.HasPrefix(*o.Message, "ok: "), *o.Message)
+			require.Contains(t, *o.Message, "100 destination rows the source no longer has are kept")
+
+			// Real damage is still found, and repaired without the kept rows going.
+			e.exec(e.dst, `DELETE FROM public.k WHERE id = 1500`)
+			e.exec(e.dst, `UPDATE public.k SET note = 'drift' WHERE id = 1700`)
+			o = e.done(`SELECT mimeo.validate($1, p_repair => true)`, "public.k")
+			require.Contains(t, *o.Message, "differs: 2 of 4 chunks differ", *o.Message)
+			c := e.lastCheck("public.k", "checksum")
+			require.True(t, *c.Repaired, c.Detail)
+			require.Equal(t, 2000, e.count("public.k"), "the 100 rows deleted on the source stay")
+			e.requireSame(`(SELECT * FROM public.k WHERE id NOT BETWEEN 100 AND 199)`, `(SELECT * FROM public.k WHERE id NOT BETWEEN 100 AND 199)`)
+
+			// A TRUNCATE of the source empties nothing here.
+			e.exec(e.app, `TRUNCATE public.k`)
+			o = e.done(`SELECT mimeo.validate($1, p_repair => true)`, "public.k")
+			require.True(t, strings.HasPrefix(*o.Message, "ok: "), *o.Message)
+			require.Equal(t, 2000, e.count("public.k"))
+		})
+	}
+}
+
+// A TRUNCATE queued on a dml source is not a difference until the
+// refresh that applies it; the health of a table is the newest check of
+// each kind, so a passing row count does not hide a failed checksum.
+func TestValidateQueuedTruncateAndHealthByKind(t *testing.T) {
+	t.Parallel()
+	e := setup(t)
+	e.exec(e.app, `CREATE TABLE public.t (id int PRIMARY KEY, v text)`)
+	e.exec(e.app, `INSERT INTO public.t SELECT g, 'v' FROM generate_series(1, 300) g`)
+	e.prepareTriggers("public.t")
+	e.startAgent(e.config())
+	e.done(`SELECT mimeo.dml_maker('public.t', $1)`, e.dblink)
+
+	e.exec(e.dst, `UPDATE public.t SET v = 'drift' WHERE id = 3`)
+	e.done(`SELECT mimeo.validate('public.t')`)
+	e.done(`SELECT mimeo.validate_rowcount('public.t')`)
+	require.True(t, e.lastCheck("public.t", "rowcount").OK)
+	health, why := e.health("public.t")
+	require.Equal(t, "invalid", health, "the row count passing does not clear the checksum")
+	require.Contains(t, why, "checksum at")
+	e.done(`SELECT mimeo.validate('public.t', p_repair => true)`)
+	health, why = e.health("public.t")
+	require.Equal(t, "ok", health, why)
+
+	e.exec(e.app, `TRUNCATE public.t`)
+	o := e.done(`SELECT mimeo.validate('public.t', p_repair => true)`)
+	require.Contains(t, *o.Message, "ok: ")
+	require.Contains(t, *o.Message, "a TRUNCATE of the source is queued")
+	require.Equal(t, 300, e.count("public.t"), "nothing repaired before the refresh applies the TRUNCATE")
+	e.done(`SELECT mimeo.validate_rowcount('public.t')`)
+	require.True(t, e.lastCheck("public.t", "rowcount").OK)
+	e.done(`SELECT mimeo.refresh_dml('public.t')`)
+	e.done(`SELECT mimeo.validate('public.t')`)
+	require.True(t, e.lastCheck("public.t", "checksum").OK)
+	require.Zero(t, e.count("public.t"))
+}
+
+// A text key that sorts by another collation on the destination would cut
+// the sides' ranges differently: it is compared, and repaired, whole.
+func TestValidateKeyUnderAnotherCollation(t *testing.T) {
+	t.Parallel()
+	e := setup(t)
+	var icu bool
+	require.NoError(t, e.src.QueryRow(e.ctx, `SELECT EXISTS (SELECT 1 FROM pg_collation WHERE collname = 'en-x-icu')`).Scan(&icu))
+	if !icu {
+		t.Skip("the source server has no ICU collations")
+	}
+	e.exec(e.app, `CREATE TABLE public.icu (k text COLLATE "en-x-icu" PRIMARY KEY, v int)`)
+	e.exec(e.app, `INSERT INTO public.icu SELECT 'k' || lpad(g::text, 5, '0'), g FROM generate_series(1, 3000) g`)
+	e.exec(e.app, `INSERT INTO public.icu VALUES ('k1000_', 0), ('k2000_', 0), ('K1000', 0), ('k-1', 0)`)
+	e.prepareTriggers("public.icu")
+	cfg := e.config()
+	cfg.ValidateChunkRows = 500
+	e.startAgent(cfg)
+	e.done(`SELECT mimeo.dml_maker('public.icu', $1)`, e.dblink)
+	o := e.done(`SELECT mimeo.validate('public.icu')`)
+	require.True(t, strings.HasPrefix(*o.Message, "ok: "), *o.Message)
+	require.Contains(t, *o.Message, "orders differently")
+	e.exec(e.dst, `DELETE FROM public.icu WHERE k = 'k1000_'`)
+	o = e.done(`SELECT mimeo.validate('public.icu', p_repair => true)`)
+	require.Contains(t, *o.Message, "every chunk matches now")
+	e.requireSame("public.icu", "public.icu")
+}

@@ -424,7 +424,9 @@ $$;
 -- healthy.
 ------------------------------------------------------------------------------
 
--- Actions that check a table rather than refresh it.
+-- Actions that check a table rather than refresh it (for the agents'
+-- housekeeping; refresh_status spells the list out, so that its readers
+-- need no EXECUTE right).
 CREATE FUNCTION mimeo.is_check_action(p_action text) RETURNS boolean
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
     SELECT p_action IN ('validate', 'validate_rowcount', 'check_source_columns', 'check_missing_source_tables', 'snapshot_monitor')
@@ -465,11 +467,13 @@ LEFT JOIN mimeo.logical_source s ON s.dblink = l.dblink AND l.state = 'ready'
 LEFT JOIN mimeo.logical_source ls ON ls.dblink = l.dblink
 LEFT JOIN LATERAL (
     SELECT j.end_time FROM mimeo.job_log j
-    WHERE j.dest_table = c.dest_table AND j.status = 'OK' AND NOT mimeo.is_check_job(j.job_name)
+    WHERE j.dest_table = c.dest_table AND j.status = 'OK'
+      AND j.job_name !~ '^(Validate|Validate Rowcount|Check Source Columns|Check Missing Source Tables|Snapshot Monitor):'
     ORDER BY j.job_id DESC LIMIT 1) ok ON true
 LEFT JOIN LATERAL (
     SELECT r.error, r.finished_at FROM mimeo.request r
-    WHERE r.dest_table = c.dest_table AND r.status = 'failed' AND NOT mimeo.is_check_action(r.action)
+    WHERE r.dest_table = c.dest_table AND r.status = 'failed'
+      AND r.action NOT IN ('validate', 'validate_rowcount', 'check_source_columns', 'check_missing_source_tables', 'snapshot_monitor')
       AND r.finished_at > coalesce(ok.end_time, '-infinity')
     ORDER BY r.id DESC LIMIT 1) bad ON true
 LEFT JOIN LATERAL (
@@ -477,15 +481,23 @@ LEFT JOIN LATERAL (
     WHERE r.dest_table = c.dest_table AND r.status IN ('queued', 'running')
     ORDER BY r.id DESC LIMIT 1) pending ON true
 LEFT JOIN LATERAL (
-    SELECT x.checked_at, x.ok, x.repaired, x.detail FROM mimeo.validation x
-    WHERE x.dest_table = c.dest_table AND x.kind IN ('rowcount', 'checksum', 'columns', 'missing')
-    ORDER BY x.id DESC LIMIT 1) v ON true
+    -- The newest check of each kind: a passing row count does not clear a
+    -- failed checksum, but a checksum check supersedes the row counts
+    -- before it. ok: each passed, or its difference was repaired.
+    SELECT max(x.checked_at) AS checked_at, bool_and(x.ok OR coalesce(x.repaired, false)) AS ok,
+           string_agg(x.kind || ' at ' || x.checked_at || ': ' || coalesce(x.detail, ''), '; ' ORDER BY x.kind)
+               FILTER (WHERE NOT (x.ok OR coalesce(x.repaired, false))) AS detail
+    FROM (SELECT DISTINCT ON (y.kind) y.kind, y.checked_at, y.ok, y.repaired, y.detail FROM mimeo.validation y
+          WHERE y.dest_table = c.dest_table AND y.kind IN ('rowcount', 'checksum', 'columns', 'missing')
+            AND NOT (y.kind = 'rowcount' AND y.id < (SELECT max(z.id) FROM mimeo.validation z
+                                                     WHERE z.dest_table = c.dest_table AND z.kind = 'checksum'))
+          ORDER BY y.kind, y.id DESC) x) v ON true
 CROSS JOIN LATERAL (
     SELECT CASE
         WHEN l.state IN ('failed', 'needs_resync') THEN 'failing'
         WHEN ls.status IN ('error', 'needs_resync') THEN 'failing'
         WHEN bad.error IS NOT NULL THEN 'failing'
-        WHEN v.ok = false AND v.repaired IS NOT TRUE THEN 'invalid'
+        WHEN v.ok = false THEN 'invalid'
         WHEN c.type = 'logical' THEN 'ok'
         WHEN c.period IS NOT NULL AND ok.end_time IS NULL AND c.last_run IS NULL THEN 'never run'
         WHEN c.period IS NOT NULL AND coalesce(ok.end_time, c.last_run) < now() - 2 * c.period THEN 'overdue'
@@ -495,7 +507,7 @@ CROSS JOIN LATERAL (
            CASE h0.health
                WHEN 'failing' THEN coalesce(l.state_detail, CASE WHEN ls.status IN ('error', 'needs_resync') THEN ls.status_detail END,
                                             bad.error, 'logical state ' || l.state)
-               WHEN 'invalid' THEN 'last check at ' || v.checked_at || ' found a difference: ' || coalesce(v.detail, '')
+               WHEN 'invalid' THEN 'the last check found a difference: ' || coalesce(v.detail, '')
                WHEN 'never run' THEN 'no run has succeeded yet (period ' || c.period || ')'
                WHEN 'overdue' THEN 'last success ' || coalesce(ok.end_time, c.last_run) || ', more than twice its period ('
                                    || c.period || ') ago'

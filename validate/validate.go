@@ -185,20 +185,9 @@ func sumsSQL(spec Spec, side Side, chunks []Chunk, exclude [][]string) (string, 
 		conds = append(conds, "("+side.Where+")")
 	}
 	if len(exclude) > 0 {
-		cols := make([][]string, len(spec.Key))
-		for _, k := range exclude {
-			for i := range spec.Key {
-				cols[i] = append(cols[i], k[i])
-			}
-		}
-		arrays, names, match := make([]string, len(spec.Key)), make([]string, len(spec.Key)), make([]string, len(spec.Key))
-		for i, k := range spec.Key {
-			arrays[i] = param(cols[i]) + "::text[]"
-			names[i] = fmt.Sprintf("e%d", i)
-			match[i] = fmt.Sprintf("e.e%d::%s", i, k.Type)
-		}
-		conds = append(conds, fmt.Sprintf("NOT EXISTS (SELECT 1 FROM unnest(%s) AS e(%s) WHERE %s = (%s))",
-			strings.Join(arrays, ", "), strings.Join(names, ", "), keys, strings.Join(match, ", ")))
+		var ex string
+		ex, args = excludeCondition(spec, exclude, args)
+		conds = append(conds, ex)
 	}
 	hash := hashExpr(spec.Columns)
 	from := side.Table.Sanitize()
@@ -294,4 +283,84 @@ func where(cond string) string {
 		return ""
 	}
 	return " WHERE (" + cond + ")"
+}
+
+// RowHash is one row of a chunk: its key values as text (in key order)
+// and its checksum.
+type RowHash struct {
+	Key  []string
+	Hash int64
+}
+
+// Rows lists, for each row side holds in chunk c, the values of the
+// match columns (which identify a row: a unique key) and its checksum,
+// leaving out the rows whose chunk key is among exclude: for a closer look
+// at a chunk that differs (a chunk is small: ChunkRows rows).
+func Rows(ctx context.Context, q Querier, spec Spec, side Side, c Chunk, exclude [][]string, match []Column) ([]RowHash, error) {
+	keys := make([]string, len(match))
+	for i, k := range quotedKeys(match) {
+		keys[i] = k + "::text"
+	}
+	conds := []string{RangeCondition(spec, c, "")}
+	if side.Where != "" {
+		conds = append(conds, "("+side.Where+")")
+	}
+	var args []any
+	if len(exclude) > 0 {
+		var ex string
+		ex, args = excludeCondition(spec, exclude, nil)
+		conds = append(conds, ex)
+	}
+	sql := "SELECT " + strings.Join(append(keys, hashExpr(spec.Columns)), ", ") + " FROM " + side.Table.Sanitize() +
+		" WHERE " + strings.Join(conds, " AND ")
+	rows, err := q.Query(ctx, sql, args...)
+	if err != nil {
+		return nil, fmt.Errorf("list the rows of a chunk of %s: %w", side.Table, err)
+	}
+	defer rows.Close()
+	var out []RowHash
+	for rows.Next() {
+		vals := make([]*string, len(match))
+		var h int64
+		dest := make([]any, 0, len(vals)+1)
+		for i := range vals {
+			dest = append(dest, &vals[i])
+		}
+		dest = append(dest, &h)
+		if err := rows.Scan(dest...); err != nil {
+			return nil, fmt.Errorf("list the rows of a chunk of %s: %w", side.Table, err)
+		}
+		r := RowHash{Hash: h, Key: make([]string, len(vals))}
+		for i, v := range vals {
+			if v != nil {
+				r.Key[i] = *v
+			}
+		}
+		out = append(out, r)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("list the rows of a chunk of %s: %w", side.Table, err)
+	}
+	return out, nil
+}
+
+// excludeCondition is "the row's key is not among exclude", its arrays
+// appended to args as parameters.
+func excludeCondition(spec Spec, exclude [][]string, args []any) (string, []any) {
+	keys := "(" + strings.Join(quotedKeys(spec.Key), ", ") + ")"
+	cols := make([][]string, len(spec.Key))
+	for _, k := range exclude {
+		for i := range spec.Key {
+			cols[i] = append(cols[i], k[i])
+		}
+	}
+	arrays, names, match := make([]string, len(spec.Key)), make([]string, len(spec.Key)), make([]string, len(spec.Key))
+	for i, k := range spec.Key {
+		args = append(args, cols[i])
+		arrays[i] = fmt.Sprintf("$%d::text[]", len(args))
+		names[i] = fmt.Sprintf("e%d", i)
+		match[i] = fmt.Sprintf("e.e%d::%s", i, k.Type)
+	}
+	return fmt.Sprintf("NOT EXISTS (SELECT 1 FROM unnest(%s) AS e(%s) WHERE %s = (%s))",
+		strings.Join(arrays, ", "), strings.Join(names, ", "), keys, strings.Join(match, ", ")), args
 }

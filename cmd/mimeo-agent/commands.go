@@ -126,11 +126,17 @@ SELECT dest_table, type, dblink, source_table,
        extract(epoch FROM lag)::float8, extract(epoch FROM period)::float8, last_validated_at, last_validation_ok
 FROM mimeo.refresh_status ORDER BY dest_table`
 
-// sqlAgentsAlive counts the agents whose heartbeat is recent, and tells
-// when the last one was seen.
+// sqlAgentsAlive counts the agents whose heartbeat is recent and whose
+// session still holds their liveness lock (a killed agent loses it at
+// once), and tells when the last one was seen.
 const sqlAgentsAlive = `
-SELECT count(*) FILTER (WHERE status = 'running' AND last_seen > clock_timestamp() - $1::float8 * interval '1 second'), max(last_seen)
-FROM mimeo.agent`
+SELECT count(*) FILTER (WHERE a.status = 'running' AND a.last_seen > clock_timestamp() - $1::float8 * interval '1 second'
+                          AND EXISTS (SELECT 1 FROM pg_catalog.pg_locks l
+                                      WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
+                                        AND l.database = (SELECT d.oid FROM pg_catalog.pg_database d WHERE d.datname = current_database())
+                                        AND l.classid = mimeo.agent_lock_key()::oid AND l.objid = a.id::int::oid)),
+       max(a.last_seen)
+FROM mimeo.agent a`
 
 // exitUnhealthy is status' exit status when a table is failing, invalid,
 // overdue or never run, or no agent is alive.
