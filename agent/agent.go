@@ -48,6 +48,10 @@ type Agent struct {
 	// outside Run.
 	stopRun    context.CancelCauseFunc
 	schemaOnce sync.Once
+
+	// Where housekeeping's passes over runs that moved nothing got to
+	// (its goroutine only).
+	noopRequests, noopJobs int64
 }
 
 // New connects to the destination and checks its mimeo schema. logger may

@@ -47,6 +47,11 @@ type Config struct {
 	// Retention is how long finished requests, job logs and stopped agents'
 	// rows are kept; older ones are deleted in small batches. 0 keeps them.
 	Retention RetentionPeriod `env:"MIMEO_RETENTION, default=30d"`
+	// NoopRetention is how long refresh runs that moved nothing (a snap
+	// refresh of an unchanged source, an empty queue) are kept; shorter
+	// than Retention, as at thousands of tables they are most of the rows.
+	// 0 keeps them for Retention.
+	NoopRetention RetentionPeriod `env:"MIMEO_NOOP_RETENTION, default=1d"`
 	// HousekeepingInterval is how often an agent deletes rows older than
 	// Retention.
 	HousekeepingInterval time.Duration `env:"MIMEO_HOUSEKEEPING_INTERVAL, default=1h"`
@@ -113,6 +118,9 @@ func (c Config) Validate() error {
 	}
 	if c.Retention < 0 {
 		errs = append(errs, fmt.Errorf("MIMEO_RETENTION must not be negative (0 keeps everything), got %s", time.Duration(c.Retention)))
+	}
+	if c.NoopRetention < 0 {
+		errs = append(errs, fmt.Errorf("MIMEO_NOOP_RETENTION must not be negative (0: as MIMEO_RETENTION), got %s", time.Duration(c.NoopRetention)))
 	}
 	if c.Retention > 0 && c.HousekeepingInterval <= 0 {
 		errs = append(errs, fmt.Errorf("MIMEO_HOUSEKEEPING_INTERVAL must be positive, got %s", c.HousekeepingInterval))

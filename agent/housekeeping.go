@@ -20,13 +20,16 @@ const sqlHousekeepLock = `SELECT pg_try_advisory_xact_lock(mimeo.agent_lock_key(
 // than the cutoff (so that older rows may follow). A table's newest
 // request and newest successful job (checks aside) and its newest check of
 // each kind stay whatever their age, so that refresh_status still shows
-// its last success, last error and last check.
+// its last success, last error and last check. With $4 true only refresh
+// runs that moved nothing go (after NoopRetention, a shorter time: at
+// thousands of tables they are most of the rows).
 const (
 	sqlClearRequests = `
 WITH b AS (SELECT id, requested_at FROM mimeo.request WHERE id > $1 ORDER BY id LIMIT $3),
 gone AS (
     DELETE FROM mimeo.request r USING b
     WHERE r.id = b.id AND r.status IN ('done', 'failed', 'skipped') AND r.finished_at < $2
+      AND (NOT $4 OR (r.status = 'done' AND r.rows_moved = 0 AND r.action LIKE 'refresh\_%'))
       AND (r.dest_table IS NULL OR mimeo.is_check_action(r.action) OR EXISTS (
           SELECT 1 FROM mimeo.request n
           WHERE n.dest_table = r.dest_table AND n.id > r.id AND NOT mimeo.is_check_action(n.action)))
@@ -38,6 +41,7 @@ WITH b AS (SELECT job_id, start_time FROM mimeo.job_log WHERE job_id > $1 ORDER 
 gone AS (
     DELETE FROM mimeo.job_log j USING b
     WHERE j.job_id = b.job_id AND j.status <> 'RUNNING' AND j.end_time < $2
+      AND (NOT $4 OR (j.status = 'OK' AND j.rows_moved = 0 AND j.job_name LIKE 'Refresh %'))
       AND (j.dest_table IS NULL OR mimeo.is_check_job(j.job_name) OR EXISTS (
           SELECT 1 FROM mimeo.job_log n
           WHERE n.dest_table = j.dest_table AND n.job_id > j.job_id AND n.status = 'OK' AND NOT mimeo.is_check_job(n.job_name)))
@@ -84,15 +88,30 @@ func (a *Agent) housekeeping(ctx context.Context) {
 // housekeep runs one round of housekeeping.
 func (a *Agent) housekeep(ctx context.Context) error {
 	cutoff := a.cfg.now().Add(-time.Duration(a.cfg.Retention))
-	requests, err := a.clearOld(ctx, sqlClearRequests, cutoff)
+	requests, _, err := a.clearOld(ctx, sqlClearRequests, cutoff, 0, false)
 	if err != nil {
 		return fmt.Errorf("clear requests: %w", err)
 	}
-	jobs, err := a.clearOld(ctx, sqlClearJobs, cutoff)
+	jobs, _, err := a.clearOld(ctx, sqlClearJobs, cutoff, 0, false)
 	if err != nil {
 		return fmt.Errorf("clear job logs: %w", err)
 	}
-	checks, err := a.clearOld(ctx, sqlClearChecks, cutoff)
+	if noop := time.Duration(a.cfg.NoopRetention); noop > 0 && noop < time.Duration(a.cfg.Retention) {
+		// Runs that moved nothing, from where the last round stopped (ids
+		// grow with time): each round reads only what is new since.
+		ncut := a.cfg.now().Add(-noop)
+		n, after, err := a.clearOld(ctx, sqlClearRequests, ncut, a.noopRequests, true)
+		if err != nil {
+			return fmt.Errorf("clear requests that moved nothing: %w", err)
+		}
+		a.noopRequests, requests = after, requests+n
+		n, after, err = a.clearOld(ctx, sqlClearJobs, ncut, a.noopJobs, true)
+		if err != nil {
+			return fmt.Errorf("clear job logs that moved nothing: %w", err)
+		}
+		a.noopJobs, jobs = after, jobs+n
+	}
+	checks, _, err := a.clearOld(ctx, sqlClearChecks, cutoff, 0, false)
 	if err != nil {
 		return fmt.Errorf("clear validation results: %w", err)
 	}
@@ -107,34 +126,43 @@ func (a *Agent) housekeep(ctx context.Context) error {
 	return nil
 }
 
-// clearOld runs a batch query until it finds no older rows, one small
-// transaction per batch; it stops early when another agent is at it.
-func (a *Agent) clearOld(ctx context.Context, query string, cutoff time.Time) (int64, error) {
-	var total, after int64
+// clearOld runs a batch query from id after until it finds no older rows,
+// one small transaction per batch; it stops early when another agent is at
+// it. It returns how many rows went and the id it got to. noop is the
+// queries' $4 (the checks' query has none).
+func (a *Agent) clearOld(ctx context.Context, query string, cutoff time.Time, after int64, noop bool) (int64, int64, error) {
+	var total int64
 	for {
 		var (
 			deleted int64
 			more    bool
 			locked  bool
+			last    = after
 		)
 		tx, err := a.pool.Begin(ctx)
 		if err != nil {
-			return total, err
+			return total, after, err
 		}
 		err = tx.QueryRow(ctx, sqlHousekeepLock).Scan(&locked)
 		if err == nil && locked {
-			err = tx.QueryRow(ctx, query, after, cutoff, housekeepBatch).Scan(&deleted, &after, &more)
+			args := []any{after, cutoff, housekeepBatch}
+			if query != sqlClearChecks {
+				args = append(args, noop)
+			}
+			err = tx.QueryRow(ctx, query, args...).Scan(&deleted, &last, &more)
 		}
 		if err == nil {
 			err = tx.Commit(ctx)
 		}
 		if err != nil {
 			_ = tx.Rollback(context.WithoutCancel(ctx))
-			return total, err
+			return total, after, err
 		}
 		total += deleted
 		if !locked || !more {
-			return total, nil
+			// A batch that reached past the cutoff is read again next time.
+			return total, after, nil
 		}
+		after = last
 	}
 }

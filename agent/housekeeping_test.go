@@ -51,7 +51,17 @@ SELECT 'Validate: public.monthly', 'public.monthly', `+old+`, `+old+`, 'OK' FROM
 	e.exec(e.dst, `INSERT INTO mimeo.request (action, dest_table, status, requested_at, started_at, finished_at, message)
 SELECT 'validate', 'public.monthly', 'done', `+old+`, `+old+`, `+old+`, 'old check' FROM generate_series(1, 3)`)
 
+	// Refresh runs that moved nothing go after MIMEO_NOOP_RETENTION; those
+	// that moved rows, and a table's newest, stay.
+	twoDays := `now() - interval '2 days'`
+	e.exec(e.dst, `INSERT INTO mimeo.request (action, dest_table, status, requested_at, started_at, finished_at, rows_moved, message)
+SELECT 'refresh_snap', 'public.daily', 'done', `+twoDays+`, `+twoDays+`, `+twoDays+`, CASE WHEN g = 2 THEN 5 ELSE 0 END, 'noop ' || g
+FROM generate_series(1, 4) g`)
+	e.exec(e.dst, `INSERT INTO mimeo.job_log (job_name, dest_table, start_time, end_time, status, rows_moved)
+SELECT 'Refresh Snap: public.daily', 'public.daily', `+twoDays+`, `+twoDays+`, 'OK', CASE WHEN g = 2 THEN 5 ELSE 0 END
+FROM generate_series(1, 4) g`)
 	cfg := e.config()
+	cfg.NoopRetention = agent.RetentionPeriod(24 * time.Hour)
 	cfg.Retention = agent.RetentionPeriod(30 * 24 * time.Hour)
 	cfg.HousekeepingInterval = 100 * time.Millisecond
 	e.startAgent(cfg)
@@ -68,6 +78,13 @@ SELECT 'validate', 'public.monthly', 'done', `+old+`, `+old+`, `+old+`, 'old che
 	}, 30*time.Second, 50*time.Millisecond, "old finished requests, job logs and checks are cleared")
 	require.Equal(t, 2, count(`SELECT count(DISTINCT kind) FROM mimeo.validation WHERE dest_table = 'public.monthly'`), "a table's newest check of each kind stays")
 	require.Equal(t, 0, count(`SELECT count(*) FROM mimeo.job_detail d LEFT JOIN mimeo.job_log j USING (job_id) WHERE j.job_id IS NULL`), "steps go with their job")
+	require.Eventually(t, func() bool {
+		return count(`SELECT count(*) FROM mimeo.request WHERE dest_table = 'public.daily'`) == 2
+	}, 10*time.Second, 50*time.Millisecond)
+	require.Equal(t, 2, count(`SELECT count(*) FROM mimeo.request WHERE dest_table = 'public.daily' AND message IN ('noop 2', 'noop 4')`),
+		"the run that moved rows and the newest stay")
+	require.Equal(t, 2, count(`SELECT count(*) FROM mimeo.job_log WHERE dest_table = 'public.daily'`))
+	require.Equal(t, 1, count(`SELECT count(*) FROM mimeo.job_log WHERE dest_table = 'public.daily' AND rows_moved = 5`))
 	require.Equal(t, 2, count(`SELECT count(*) FROM mimeo.request WHERE id IN (`+fmt.Sprint(running)+`, `+fmt.Sprint(recent)+`)`), "unfinished and recent requests stay")
 	require.Equal(t, 2, count(`SELECT count(*) FROM mimeo.job_log WHERE job_name IN ('old running job', 'recent job')`))
 	require.Equal(t, 0, count(`SELECT count(*) FROM mimeo.agent WHERE host = 'gone'`))

@@ -131,13 +131,7 @@ func TestMetricsEndpoint(t *testing.T) {
 	e.exec(e.dst, `DELETE FROM public.items WHERE id = 3`)
 	e.done(`SELECT mimeo.validate('public.items')`)
 	require.Eventually(t, func() bool {
-		resp, err := http.Get("http://" + addr + "/metrics")
-		if err != nil {
-			return false
-		}
-		defer resp.Body.Close()
-		b, _ := io.ReadAll(resp.Body)
-		body = string(b)
+		body = scrape(addr)
 		return strings.Contains(body, `mimeo_table_healthy{dest_table="public.items",type="snap"} 0`) &&
 			strings.Contains(body, `mimeo_table_last_validation_ok{dest_table="public.items",type="snap"} 0`)
 	}, 10*time.Second, 100*time.Millisecond, "metrics: %s", body)
@@ -172,13 +166,21 @@ func TestQueueDepthMetric(t *testing.T) {
 	e.startAgent(cfg)
 	var body string
 	require.Eventually(t, func() bool {
-		resp, err := http.Get("http://" + addr + "/metrics")
-		if err != nil {
-			return false
-		}
-		defer resp.Body.Close()
-		b, _ := io.ReadAll(resp.Body)
-		body = string(b)
+		body = scrape(addr)
 		return strings.Contains(body, `mimeo_table_queue_rows{dest_table="public.q"} 37`)
 	}, 15*time.Second, 100*time.Millisecond, "metrics: %s", body)
+}
+
+// scrape reads /metrics ("" when it cannot).
+func scrape(addr string) string {
+	resp, err := http.Get("http://" + addr + "/metrics")
+	if err != nil {
+		return ""
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode != http.StatusOK {
+		return ""
+	}
+	return string(b)
 }

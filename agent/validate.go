@@ -154,13 +154,8 @@ func (a *Agent) validateLocked(ctx context.Context, r *run, c *comparison, src *
 			if err := c.findPending(ctx, r, stx); err != nil {
 				return fail(err)
 			}
-			if err := c.recheck(ctx, stx, dtx); err != nil {
+			if err := c.confirm(ctx, stx, dtx); err != nil {
 				return fail(err)
-			}
-			if c.t.keepsDeleted() && len(c.differ) > 0 {
-				if err := c.refineKept(ctx, stx, dtx); err != nil {
-					return fail(err)
-				}
 			}
 		}
 		row := c.result()
@@ -170,13 +165,8 @@ func (a *Agent) validateLocked(ctx context.Context, r *run, c *comparison, src *
 			}); err != nil {
 				return fail(err)
 			}
-			if err := c.recheck(ctx, stx, dtx); err != nil {
+			if err := c.confirm(ctx, stx, dtx); err != nil {
 				return fail(err)
-			}
-			if c.t.keepsDeleted() && len(c.differ) > 0 {
-				if err := c.refineKept(ctx, stx, dtx); err != nil {
-					return fail(err)
-				}
 			}
 			row.Repaired = new(bool)
 			*row.Repaired = len(c.differ) == 0
@@ -313,6 +303,18 @@ func (c *comparison) sum(ctx context.Context, stx, dtx pgx.Tx, which []int, tota
 		if s[i] != d[i] {
 			c.differ = append(c.differ, w)
 		}
+	}
+	return nil
+}
+
+// confirm compares the differing chunks again (pending changes left out)
+// and, for the types that keep rows their source deleted, row by row.
+func (c *comparison) confirm(ctx context.Context, stx, dtx pgx.Tx) error {
+	if err := c.recheck(ctx, stx, dtx); err != nil {
+		return err
+	}
+	if c.t.keepsDeleted() && len(c.differ) > 0 {
+		return c.refineKept(ctx, stx, dtx)
 	}
 	return nil
 }

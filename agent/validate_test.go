@@ -59,6 +59,8 @@ const valTable = `public."Val; Table"`
 var validationCases = []validationCase{
 	{typ: "snap", maker: `SELECT mimeo.snapshot_maker('public."Val; Table"', $1)`,
 		refresh: `SELECT mimeo.refresh_snap('public."Val; Table"', p_force => true)`},
+	{typ: "table", maker: `SELECT mimeo.table_maker('public."Val; Table"', $1)`,
+		refresh: `SELECT mimeo.refresh_table('public."Val; Table"')`},
 	{typ: "inserter", maker: `SELECT mimeo.inserter_maker('public."Val; Table"', 'id', $1, p_boundary => '0')`,
 		refresh: `SELECT mimeo.refresh_inserter('public."Val; Table"')`},
 	{typ: "updater", maker: `SELECT mimeo.updater_maker('public."Val; Table"', 'upd', $1, p_boundary => '0 s')`,

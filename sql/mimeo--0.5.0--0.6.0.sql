@@ -63,7 +63,8 @@ $$;
 -- Marks up to p_limit queued requests running by agent p_agent_id and
 -- returns them, oldest first, skipping those whose source already runs
 -- its max_runs. Claims are serialized (one short lock), so two agents
--- claiming at once cannot both take a source's last free run.
+-- claiming at once cannot both take a source's last free run; rows
+-- another session holds (FOR UPDATE SKIP LOCKED) are passed over.
 CREATE FUNCTION mimeo.claim(p_agent_id bigint, p_limit int) RETURNS SETOF mimeo.request
 LANGUAGE plpgsql AS $$
 BEGIN
@@ -76,6 +77,7 @@ BEGIN
         SELECT r.id, mimeo.request_source(r.dest_table, r.args) AS dblink
         FROM mimeo.request r WHERE r.status = 'queued'
         ORDER BY r.id LIMIT greatest(p_limit, 0) * 50 + 100
+        FOR UPDATE OF r SKIP LOCKED
     ), ranked AS (
         SELECT q.id, q.dblink, row_number() OVER (PARTITION BY q.dblink ORDER BY q.id) AS rn FROM queued q
     ), next AS (
