@@ -79,6 +79,10 @@ func (a *Agent) validateRowcount(ctx context.Context, r *run) error {
 	switch {
 	case diff == 0:
 		row.OK, row.Detail = true, fmt.Sprintf("source and destination have %d rows", srcRows)
+	case t.keepsDeleted() && dstRows > srcRows:
+		row.OK = true
+		row.Detail = fmt.Sprintf("source %d rows, destination %d: an %s keeps the rows its source deleted (validate() compares them row by row)",
+			srcRows, dstRows, t.Type)
 	case truncated:
 		row.OK = true
 		row.Detail = fmt.Sprintf("source %d rows, destination %d: not compared, a TRUNCATE of the source is queued and not applied yet; refresh, then validate",

@@ -200,7 +200,7 @@ func (a *Agent) destroyQueued(ctx context.Context, r *run, typ string) error {
 	err = func() error {
 		src, _, err := a.sources.acquire(ctx, r.dst, cfg.Dblink)
 		if err != nil {
-			return fmt.Errorf("%w (the source objects must be removed first; fix the connection and retry, or use p_force => true)", err)
+			return err
 		}
 		defer src.Release()
 		if err := execSource(ctx, src, append([]string{sqlDDLLockTimeout}, cfg.Names.Drop()...)); err != nil {
@@ -211,7 +211,8 @@ func (a *Agent) destroyQueued(ctx context.Context, r *run, typ string) error {
 	}()
 	if err != nil {
 		if !args.Force || ctx.Err() != nil {
-			return fmt.Errorf("%s_destroyer %s: %w", typ, r.dest, err)
+			return fmt.Errorf("%s_destroyer %s: %w (the source objects must be removed first; fix the connection and retry, or use p_force => true)",
+				typ, r.dest, err)
 		}
 		left := fmt.Sprintf("p_force: the source objects stay on source %d (%v); remove them there, as the replication role: %s",
 			cfg.Dblink, err, leftSQL)

@@ -42,7 +42,9 @@ type comparison struct {
 	kept     int64             // inserter, updater: destination rows the source deleted
 	match    []validate.Column // inserter, updater: the unique key rows are matched by (nil: by content)
 	repaired int64             // rows re-pulled
-	note     string
+	// notCompared: a queued TRUNCATE makes every difference pending.
+	notCompared bool
+	note        string
 }
 
 // validateTable compares a table's content on both sides chunk by chunk
@@ -342,7 +344,7 @@ func (c *comparison) findPending(ctx context.Context, r *run, stx pgx.Tx) error 
 			// The next refresh prunes what the TRUNCATE emptied: until then
 			// every chunk may differ, and none of it is wrong.
 			c.note = "not compared: a TRUNCATE of the source is queued and not applied yet; refresh, then validate"
-			c.differ = nil
+			c.differ, c.notCompared = nil, true
 			return nil
 		}
 	case c.t.Type == "updater" && c.t.LastValue != nil:
@@ -399,6 +401,9 @@ func (c *comparison) result() checkRow {
 	row := checkRow{Dest: c.t.Dest.String(), Kind: "checksum", OK: len(c.differ) == 0,
 		SourceRows: &c.srcRows, DestRows: &c.dstRows, Chunks: len(c.chunks), Differing: len(c.differ)}
 	switch {
+	case c.notCompared:
+		row.Detail = fmt.Sprintf("source %d rows, destination %d; %s", c.srcRows, c.dstRows, c.note)
+		return row
 	case row.OK:
 		row.Detail = fmt.Sprintf("%d rows in %s match", c.srcRows, plural(len(c.chunks), "chunk", "chunks"))
 	default:

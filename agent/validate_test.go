@@ -395,6 +395,8 @@ func TestValidateKeepsRowsTheSourceDeleted(t *testing.T) {
 			o := e.done(`SELECT mimeo.validate($1)`, "public.k")
 			require.True(t, strings.HasPrefix(*o.Message, "ok: "), *o.Message)
 			require.Contains(t, *o.Message, "100 destination rows the source no longer has are kept")
+			o = e.done(`SELECT mimeo.validate_rowcount($1)`, "public.k")
+			require.True(t, strings.HasPrefix(*o.Message, "ok: source 1900 rows, destination 2000"), *o.Message)
 
 			// Real damage is still found, and repaired without the kept rows going.
 			e.exec(e.dst, `DELETE FROM public.k WHERE id = 1500`)
