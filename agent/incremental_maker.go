@@ -78,6 +78,11 @@ func (a *Agent) makeIncremental(ctx context.Context, r *run, typ string) error {
 		Columns: columnNames(st.Columns), PostScript: args.PostScript}
 
 	caughtUp := existing != nil || !args.pull()
+	// A table made here is loaded at once, as the snap maker does: one
+	// COPY into the table just created (frozen), then its indexes, rather
+	// than a catch-up of batches maintaining them row by row.
+	loadNow := existing == nil && args.pull()
+	var loaded int64
 	err = withTx(ctx, r.dst, func(tx pgx.Tx) error {
 		var configured bool
 		if err := tx.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM mimeo.refresh_config WHERE dest_table = $1)`, r.req.DestTable).Scan(&configured); err != nil {
@@ -90,6 +95,19 @@ func (a *Agent) makeIncremental(ctx context.Context, r *run, typ string) error {
 		if existing == nil {
 			if _, err := tx.Exec(ctx, "CREATE TABLE "+r.dest.Sanitize()+" ("+columnDefs(st.Columns)+")"); err != nil {
 				return fmt.Errorf("create %s: %w", r.dest, err)
+			}
+			if loadNow {
+				end, err := a.loadEnd(ctx, r, src, cfg, st)
+				if err != nil {
+					return err
+				}
+				if end != "" {
+					if loaded, err = r.load(ctx, tx, loadSpec{src: src, table: st, target: r.dest, emptied: true, pull: true,
+						condition: window(cfg.Kind, cfg.Control, "", end, "<=", cfg.Condition)}); err != nil {
+						return err
+					}
+					cfg.LastValue = &end
+				}
 			}
 			if args.indexes() {
 				if err := r.createIndexes(ctx, tx, st, r.dest); err != nil {
@@ -105,6 +123,13 @@ func (a *Agent) makeIncremental(ctx context.Context, r *run, typ string) error {
 				return err
 			}
 			msg = fmt.Sprintf("created %s; nothing pulled (p_pulldata is false)", r.dest)
+			if loadNow {
+				// Worded as a refresh's: the load is its first batch.
+				msg = fmt.Sprintf("copied %s in 1 batch; %s", plural(int(loaded), "row", "rows"), describeLast(cfg.LastValue))
+				if cfg.LastValue == nil {
+					msg = "nothing new on the source; " + describeLast(nil)
+				}
+			}
 		} else {
 			diff, err := checkIncColumns(ctx, tx, r.dest, st, cfg)
 			if err != nil {
@@ -133,12 +158,19 @@ func (a *Agent) makeIncremental(ctx context.Context, r *run, typ string) error {
 		if _, err := tx.Exec(ctx, fmt.Sprintf(sqlIncInsertConfig, typeConfigTable(typ), pkCols, pkVals), params...); err != nil {
 			return fmt.Errorf("record config: %w", err)
 		}
+		if loadNow {
+			if _, err := tx.Exec(ctx, sqlRecordRun, r.req.DestTable, r.started); err != nil {
+				return fmt.Errorf("record run: %w", err)
+			}
+			r.note(ctx, "Summary", msg, false)
+			return r.complete(ctx, tx, loaded, msg)
+		}
 		if caughtUp {
 			return r.complete(ctx, tx, 0, msg)
 		}
 		return nil
 	})
-	if err != nil || caughtUp {
+	if err != nil || caughtUp || loadNow {
 		if err != nil {
 			return fail(err)
 		}
@@ -149,6 +181,22 @@ func (a *Agent) makeIncremental(ctx context.Context, r *run, typ string) error {
 		return fail(err)
 	}
 	return a.catchUp(ctx, r, src, cfg, st, cfg.BatchLimit)
+}
+
+// loadEnd is the last control value a maker's first load takes: the
+// largest at or below the run's upper bound ("" when there is none yet).
+func (a *Agent) loadEnd(ctx context.Context, r *run, src *pgxpool.Conn, cfg *incConfig, st *sourceTable) (string, error) {
+	bound, err := a.upperBound(ctx, r, src, cfg, st)
+	if err != nil || bound == "" {
+		return "", err
+	}
+	var end *string
+	c := ident.Quote(cfg.Control)
+	if err := src.QueryRow(ctx, `SELECT `+cfg.Kind.text(`max(`+c+`)`)+` FROM `+st.Name.Sanitize()+` `+
+		window(cfg.Kind, cfg.Control, "", bound, cfg.Kind.upperOp(), cfg.Condition)).Scan(&end); err != nil {
+		return "", fmt.Errorf("find the last row to copy: %w", err)
+	}
+	return deref(end), nil
 }
 
 // normalizeBoundary checks the boundary against the control column's kind
