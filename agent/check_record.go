@@ -4,6 +4,8 @@ import (
 	"context"
 	"fmt"
 
+	"github.com/jackc/pgx/v5"
+
 	"github.com/mimeo-dev/mimeo/queue"
 )
 
@@ -39,4 +41,17 @@ func recordCheck(ctx context.Context, db queue.DB, r *run, c checkRow) error {
 		return fmt.Errorf("record the result in mimeo.validation: %w", err)
 	}
 	return nil
+}
+
+// completeChecks records the checks' rows and ends the run with message,
+// in one transaction.
+func (r *run) completeChecks(ctx context.Context, message string, checks ...checkRow) error {
+	return withTx(ctx, r.dst, func(tx pgx.Tx) error {
+		for _, c := range checks {
+			if err := recordCheck(ctx, tx, r, c); err != nil {
+				return err
+			}
+		}
+		return r.complete(ctx, tx, 0, message)
+	})
 }

@@ -110,12 +110,20 @@ func (t *checkTarget) deletedColumn() string {
 	return ""
 }
 
+// condition is the configured condition as SQL ("" for none).
+func (t *checkTarget) condition() string {
+	if t.Condition == "" {
+		return ""
+	}
+	return strings.TrimPrefix(whereClause(t.Condition), "WHERE ")
+}
+
 // sourceWhere is which source rows the copy holds: the condition, and for
 // inserter and updater only up to last_value.
 func (t *checkTarget) sourceWhere() string {
 	var conds []string
-	if t.Condition != "" {
-		conds = append(conds, strings.TrimPrefix(whereClause(t.Condition), "WHERE "))
+	if c := t.condition(); c != "" {
+		conds = append(conds, c)
 	}
 	if t.Control != "" {
 		if t.LastValue == nil {
@@ -125,6 +133,12 @@ func (t *checkTarget) sourceWhere() string {
 		}
 	}
 	return strings.Join(conds, " AND ")
+}
+
+// pastLastValue is "the row changed after the copy's last_value"
+// (inserter, updater with a last_value).
+func (t *checkTarget) pastLastValue() string {
+	return ident.Quote(t.Control) + " > " + t.Kind.literal(*t.LastValue)
 }
 
 // destWhere is which destination rows stand for source rows: for logdel

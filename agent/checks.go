@@ -33,14 +33,14 @@ func (a *Agent) validateRowcount(ctx context.Context, r *run) error {
 	var pendingWhat string
 	var truncated bool // a TRUNCATE is queued: the destination has not emptied yet
 	err = func() error {
-		stx, err := src.BeginTx(ctx, pgx.TxOptions{IsoLevel: pgx.RepeatableRead, AccessMode: pgx.ReadOnly})
+		stx, err := beginSnapshot(ctx, src)
 		if err != nil {
 			return err
 		}
 		defer func() { _ = stx.Rollback(context.WithoutCancel(ctx)) }()
-		var lsn string
-		if err := stx.QueryRow(ctx, `SELECT pg_current_wal_insert_lsn()::text`).Scan(&lsn); err != nil {
-			return fmt.Errorf("read the source's WAL position: %w", err)
+		lsn, err := walInsertLSN(ctx, stx)
+		if err != nil {
+			return err
 		}
 		if err := stx.QueryRow(ctx, "SELECT count(*) FROM "+t.Source.Sanitize()+optWhere(t.sourceWhere())).Scan(&srcRows); err != nil {
 			return fmt.Errorf("count the source's rows: %w", err)
@@ -52,8 +52,7 @@ func (a *Agent) validateRowcount(ctx context.Context, r *run) error {
 				t.Queue.Sanitize()).Scan(&pending, &truncated)
 		case t.Type == "updater" && t.LastValue != nil:
 			pendingWhat = "source rows changed past last_value"
-			err = stx.QueryRow(ctx, "SELECT count(*) FROM "+t.Source.Sanitize()+" WHERE "+
-				ident.Quote(t.Control)+" > "+t.Kind.literal(*t.LastValue)).Scan(&pending)
+			err = stx.QueryRow(ctx, "SELECT count(*) FROM "+t.Source.Sanitize()+" WHERE "+t.pastLastValue()).Scan(&pending)
 		}
 		if err != nil {
 			return fmt.Errorf("count the changes not applied yet: %w", err)
@@ -100,12 +99,7 @@ func (a *Agent) validateRowcount(ctx context.Context, r *run) error {
 	if t.Type == "logical" {
 		row.Detail += "; the stream had applied everything the source committed before the count"
 	}
-	return withTx(ctx, r.dst, func(tx pgx.Tx) error {
-		if err := recordCheck(ctx, tx, r, row); err != nil {
-			return err
-		}
-		return r.complete(ctx, tx, 0, row.message())
-	})
+	return r.completeChecks(ctx, row.message(), row)
 }
 
 // bySource groups targets by their dblink_mapping id, in order.
@@ -126,15 +120,22 @@ func bySource(targets []*checkTarget) [][]*checkTarget {
 func (a *Agent) checkAll(ctx context.Context, r *run, kind string, targets []*checkTarget,
 	check func(src *pgxpool.Conn, t *checkTarget) (checkRow, error)) error {
 	var rows []checkRow
+	var bad []string // the tables whose check failed, with why
+	add := func(row checkRow) {
+		rows = append(rows, row)
+		if !row.OK {
+			bad = append(bad, row.Dest+" ("+row.Detail+")")
+		}
+	}
 	for _, group := range bySource(targets) {
 		src, desc, err := a.sources.acquire(ctx, r.dst, group[0].Dblink)
 		if err != nil {
 			for _, t := range group {
-				rows = append(rows, checkRow{Dest: t.Dest.String(), Kind: kind, Detail: "cannot reach its source: " + err.Error()})
+				add(checkRow{Dest: t.Dest.String(), Kind: kind, Detail: "cannot reach its source: " + err.Error()})
 			}
 			continue
 		}
-		start, before := time.Now(), len(rows)
+		start, badBefore := time.Now(), len(bad)
 		for _, t := range group {
 			row, err := check(src, t)
 			if err != nil {
@@ -144,36 +145,17 @@ func (a *Agent) checkAll(ctx context.Context, r *run, kind string, targets []*ch
 				}
 				row = checkRow{Dest: t.Dest.String(), Kind: kind, Detail: fmt.Sprintf("cannot check it on source %d (%s): %v", t.Dblink, desc, err)}
 			}
-			rows = append(rows, row)
+			add(row)
 		}
 		src.Release()
-		bad := 0
-		for _, row := range rows[before:] {
-			if !row.OK {
-				bad++
-			}
-		}
 		r.job.add(ctx, fmt.Sprintf("Check source %d", group[0].Dblink), start, jobOK,
-			fmt.Sprintf("%s on %s: %d not ok", plural(len(group), "table", "tables"), desc, bad))
+			fmt.Sprintf("%s on %s: %d not ok", plural(len(group), "table", "tables"), desc, len(bad)-badBefore))
 	}
-	var bad []string
-	for _, row := range rows {
-		if !row.OK {
-			bad = append(bad, row.Dest+" ("+row.Detail+")")
-		}
+	msg := fmt.Sprintf("ok: all %d tables", len(rows))
+	if len(bad) > 0 {
+		msg = fmt.Sprintf("%d of %d tables: %s", len(bad), len(rows), strings.Join(bad, "; "))
 	}
-	return withTx(ctx, r.dst, func(tx pgx.Tx) error {
-		for _, row := range rows {
-			if err := recordCheck(ctx, tx, r, row); err != nil {
-				return err
-			}
-		}
-		msg := fmt.Sprintf("ok: all %d tables", len(rows))
-		if len(bad) > 0 {
-			msg = fmt.Sprintf("%d of %d tables: %s", len(bad), len(rows), strings.Join(bad, "; "))
-		}
-		return r.complete(ctx, tx, 0, msg)
-	})
+	return r.completeChecks(ctx, msg, rows...)
 }
 
 // checkSourceColumns finds every replicated table whose source columns no

@@ -111,7 +111,7 @@ func (a *Agent) housekeep(ctx context.Context) error {
 		}
 		a.noopJobs, jobs = after, jobs+n
 	}
-	checks, _, err := a.clearOld(ctx, sqlClearChecks, cutoff, 0, false)
+	checks, _, err := a.clearOld(ctx, sqlClearChecks, cutoff, 0)
 	if err != nil {
 		return fmt.Errorf("clear validation results: %w", err)
 	}
@@ -128,9 +128,10 @@ func (a *Agent) housekeep(ctx context.Context) error {
 
 // clearOld runs a batch query from id after until it finds no older rows,
 // one small transaction per batch; it stops early when another agent is at
-// it. It returns how many rows went and the id it got to. noop is the
-// queries' $4 (the checks' query has none).
-func (a *Agent) clearOld(ctx context.Context, query string, cutoff time.Time, after int64, noop bool) (int64, int64, error) {
+// it. It returns how many rows went and the id it got to. extra are the
+// query's parameters after the first three ($4: only runs that moved
+// nothing, for requests and job logs).
+func (a *Agent) clearOld(ctx context.Context, query string, cutoff time.Time, after int64, extra ...any) (int64, int64, error) {
 	var total int64
 	for {
 		var (
@@ -145,10 +146,7 @@ func (a *Agent) clearOld(ctx context.Context, query string, cutoff time.Time, af
 		}
 		err = tx.QueryRow(ctx, sqlHousekeepLock).Scan(&locked)
 		if err == nil && locked {
-			args := []any{after, cutoff, housekeepBatch}
-			if query != sqlClearChecks {
-				args = append(args, noop)
-			}
+			args := append([]any{after, cutoff, housekeepBatch}, extra...)
 			err = tx.QueryRow(ctx, query, args...).Scan(&deleted, &last, &more)
 		}
 		if err == nil {

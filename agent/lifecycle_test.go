@@ -95,10 +95,7 @@ func TestMetricsEndpoint(t *testing.T) {
 	t.Parallel()
 	e := setup(t)
 	e.createItems("public.items", 25)
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	require.NoError(t, err)
-	addr := l.Addr().String()
-	require.NoError(t, l.Close())
+	addr := freeAddr(t)
 	cfg := e.config()
 	cfg.MetricsAddr = addr
 	e.startAgent(cfg)
@@ -157,10 +154,7 @@ func TestQueueDepthMetric(t *testing.T) {
 	require.NoError(t, e.dst.QueryRow(e.ctx, `SELECT queue_table FROM mimeo.refresh_config_dml WHERE dest_table = 'public.q'`).Scan(&queue))
 	e.writeAndWaitStats(queue, `INSERT INTO public.q SELECT g, 'v' FROM generate_series(1, 37) g`)
 
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	require.NoError(t, err)
-	addr := l.Addr().String()
-	require.NoError(t, l.Close())
+	addr := freeAddr(t)
 	cfg := e.config()
 	cfg.MetricsAddr = addr
 	e.startAgent(cfg)
@@ -183,4 +177,14 @@ func scrape(addr string) string {
 		return ""
 	}
 	return string(b)
+}
+
+// freeAddr is a local TCP address nothing listens on.
+func freeAddr(t *testing.T) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	addr := l.Addr().String()
+	require.NoError(t, l.Close())
+	return addr
 }

@@ -37,11 +37,10 @@ func (a *Agent) refreshLogical(ctx context.Context, r *run) error {
 	if err != nil {
 		return fail(err)
 	}
-	var target string
-	err = src.QueryRow(ctx, `SELECT pg_current_wal_insert_lsn()::text`).Scan(&target)
+	target, err := walInsertLSN(ctx, src)
 	src.Release()
 	if err != nil {
-		return fail(fmt.Errorf("read the source's WAL position: %w", err))
+		return fail(err)
 	}
 	if err := a.waitForStream(ctx, r, cfg.Dblink, target); err != nil {
 		return fail(err)
@@ -52,6 +51,18 @@ func (a *Agent) refreshLogical(ctx context.Context, r *run) error {
 		}
 		return r.complete(ctx, tx, 0, "applied everything the source committed up to "+target)
 	})
+}
+
+// walInsertLSN is the source's WAL insert position: every transaction
+// committed before it (or visible to q's snapshot) ends below it.
+func walInsertLSN(ctx context.Context, q interface {
+	QueryRow(context.Context, string, ...any) pgx.Row
+}) (string, error) {
+	var lsn string
+	if err := q.QueryRow(ctx, `SELECT pg_current_wal_insert_lsn()::text`).Scan(&lsn); err != nil {
+		return "", fmt.Errorf("read the source's WAL position: %w", err)
+	}
+	return lsn, nil
 }
 
 // waitForStream waits until the stream of source dblink has applied every

@@ -11,14 +11,6 @@ import (
 // source queues' sizes.
 const queueDepthInterval = 30 * time.Second
 
-// sqlQueueTables lists the dml and logdel tables with their source queue,
-// by source.
-const sqlQueueTables = `
-SELECT dblink, dest_table, queue_table FROM mimeo.refresh_config_dml
-UNION ALL
-SELECT dblink, dest_table, queue_table FROM mimeo.refresh_config_logdel
-ORDER BY 1, 2`
-
 // sqlQueueRows reads the live row estimates of queue tables from the
 // source's statistics: one cheap query per source, however many tables.
 const sqlQueueRows = `
@@ -44,42 +36,29 @@ func (a *Agent) watchQueues(ctx context.Context) {
 // readQueueDepths reads every source's queue sizes once; a source that
 // cannot be reached keeps its last values (and is logged at debug level).
 func (a *Agent) readQueueDepths(ctx context.Context) {
-	rows, err := a.pool.Query(ctx, sqlQueueTables)
+	all, err := loadCheckTargets(ctx, a.pool, "")
 	if err != nil {
 		a.log.Debug("cannot list the source queues", "error", err)
 		return
 	}
-	type entry struct {
-		dblink      int
-		dest, queue string
-	}
-	entries, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (entry, error) {
-		var e entry
-		err := row.Scan(&e.dblink, &e.dest, &e.queue)
-		return e, err
-	})
-	if err != nil {
-		a.log.Debug("cannot list the source queues", "error", err)
-		return
-	}
-	for start := 0; start < len(entries); {
-		end := start
-		for end < len(entries) && entries[end].dblink == entries[start].dblink {
-			end++
+	var queued []*checkTarget // dml and logdel tables
+	for _, t := range all {
+		if t.Queue != nil {
+			queued = append(queued, t)
 		}
-		group := entries[start:end]
-		start = end
+	}
+	for _, group := range bySource(queued) {
 		names := make([]string, len(group))
 		dest := map[string]string{}
-		for i, e := range group {
-			names[i] = e.queue
-			dest[e.queue] = e.dest
+		for i, t := range group {
+			names[i] = t.Queue.Sanitize()
+			dest[names[i]] = t.Dest.String()
 		}
 		qctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-		depths, err := a.sourceQueueRows(qctx, group[0].dblink, names)
+		depths, err := a.sourceQueueRows(qctx, group[0].Dblink, names)
 		cancel()
 		if err != nil {
-			a.log.Debug("cannot read source queue sizes", "source", group[0].dblink, "error", err)
+			a.log.Debug("cannot read source queue sizes", "source", group[0].Dblink, "error", err)
 			continue
 		}
 		for q, n := range depths {

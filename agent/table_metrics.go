@@ -8,6 +8,8 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/mimeo-dev/mimeo/queue"
 )
 
 // tableCollector exports, at each scrape, one series per replicated table
@@ -75,16 +77,6 @@ func (c *tableCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 }
 
-// sqlAgentsAlive counts the agents whose heartbeat is recent and whose
-// session still holds their liveness lock (a killed agent loses it at once).
-const sqlAgentsAlive = `
-SELECT count(*) FROM mimeo.agent a
-WHERE a.status = 'running' AND a.last_seen > clock_timestamp() - $1::float8 * interval '1 second'
-  AND EXISTS (SELECT 1 FROM pg_catalog.pg_locks l
-              WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
-                AND l.database = (SELECT d.oid FROM pg_catalog.pg_database d WHERE d.datname = current_database())
-                AND l.classid = mimeo.agent_lock_key()::oid AND l.objid = a.id::int::oid)`
-
 const sqlTableMetrics = `
 SELECT s.dest_table, s.type, extract(epoch FROM coalesce(s.last_success, s.last_run))::float8,
        extract(epoch FROM s.lag)::float8, extract(epoch FROM s.period)::float8,
@@ -106,8 +98,8 @@ func (c *tableCollector) read(ctx context.Context) ([]prometheus.Metric, error) 
 		}
 		return 0
 	}
-	var alive int
-	if err := c.pool.QueryRow(ctx, sqlAgentsAlive, c.timeout.Seconds()).Scan(&alive); err != nil {
+	alive, _, err := queue.AliveAgents(ctx, c.pool, c.timeout)
+	if err != nil {
 		return nil, err
 	}
 	gauge(descAgents, float64(alive))

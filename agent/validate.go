@@ -31,6 +31,7 @@ const logicalRechecks = 3
 // comparison is one validate run's view of a table.
 type comparison struct {
 	t        *checkTarget
+	cols     []column // the copied source columns (spec.Columns are these)
 	spec     validate.Spec
 	src, dst validate.Side
 	target   ident.Name // where repairs write: the table (snap: its active table)
@@ -71,15 +72,11 @@ func (a *Agent) validateTable(ctx context.Context, r *run) error {
 		return fail(err)
 	}
 	if !d.none() {
-		detail := fmt.Sprintf("not compared: the source's columns changed (%s); rebuild the table first (repull)", d)
-		return withTx(ctx, r.dst, func(tx pgx.Tx) error {
-			if err := recordCheck(ctx, tx, r, checkRow{Dest: r.req.DestTable, Kind: "checksum", Detail: detail}); err != nil {
-				return err
-			}
-			return r.complete(ctx, tx, 0, "differs: "+detail)
-		})
+		row := checkRow{Dest: r.req.DestTable, Kind: "checksum",
+			Detail: fmt.Sprintf("not compared: the source's columns changed (%s); rebuild the table first (repull)", d)}
+		return r.completeChecks(ctx, row.message(), row)
 	}
-	c := &comparison{t: t, src: validate.Side{Table: t.Source, Where: t.sourceWhere()},
+	c := &comparison{t: t, cols: st.Columns, src: validate.Side{Table: t.Source, Where: t.sourceWhere()},
 		dst: validate.Side{Table: t.Dest, Where: t.destWhere()}, target: t.Dest}
 	c.spec = validate.Spec{Columns: validateColumns(st.Columns), Key: t.chunkKey(st), ChunkRows: a.cfg.ValidateChunkRows}
 	if t.keepsDeleted() {
@@ -137,14 +134,11 @@ func (a *Agent) validateTable(ctx context.Context, r *run) error {
 // transaction that records the result.
 func (a *Agent) validateLocked(ctx context.Context, r *run, c *comparison, src *pgxpool.Conn, repair bool) error {
 	fail := func(err error) error { return fmt.Errorf("validate %s: %w", r.dest, err) }
-	stx, err := src.BeginTx(ctx, pgx.TxOptions{IsoLevel: pgx.RepeatableRead, AccessMode: pgx.ReadOnly})
+	stx, err := beginSnapshot(ctx, src)
 	if err != nil {
 		return fail(err)
 	}
 	defer func() { _ = stx.Rollback(context.WithoutCancel(ctx)) }()
-	if err := execAll(ctx, stx, "set up the source session", validate.Settings); err != nil {
-		return fail(err)
-	}
 	return withTx(ctx, r.dst, func(dtx pgx.Tx) error {
 		if err := execAll(ctx, dtx, "set up the destination session", validate.Settings); err != nil {
 			return fail(err)
@@ -193,17 +187,14 @@ func (a *Agent) validateLogical(ctx context.Context, r *run, c *comparison, src 
 	fail := func(err error) error { return fmt.Errorf("validate %s: %w", r.dest, err) }
 	for pass := 0; pass <= logicalRechecks; pass++ {
 		err := func() error {
-			stx, err := src.BeginTx(ctx, pgx.TxOptions{IsoLevel: pgx.RepeatableRead, AccessMode: pgx.ReadOnly})
+			stx, err := beginSnapshot(ctx, src)
 			if err != nil {
 				return err
 			}
 			defer func() { _ = stx.Rollback(context.WithoutCancel(ctx)) }()
-			if err := execAll(ctx, stx, "set up the source session", validate.Settings); err != nil {
+			lsn, err := walInsertLSN(ctx, stx)
+			if err != nil {
 				return err
-			}
-			var lsn string
-			if err := stx.QueryRow(ctx, `SELECT pg_current_wal_insert_lsn()::text`).Scan(&lsn); err != nil {
-				return fmt.Errorf("read the source's WAL position: %w", err)
 			}
 			if err := a.waitForStream(ctx, r, c.t.Dblink, lsn); err != nil {
 				return err
@@ -227,12 +218,7 @@ func (a *Agent) validateLogical(ctx context.Context, r *run, c *comparison, src 
 	}
 	row := c.result()
 	if !repair || len(c.differ) == 0 {
-		return withTx(ctx, r.dst, func(tx pgx.Tx) error {
-			if err := recordCheck(ctx, tx, r, row); err != nil {
-				return err
-			}
-			return r.complete(ctx, tx, 0, row.message())
-		})
+		return r.completeChecks(ctx, row.message(), row)
 	}
 	cfg, err := loadLogicalConfig(ctx, r.dst, r.req.DestTable)
 	if err != nil {
@@ -251,6 +237,31 @@ func (a *Agent) validateLogical(ctx context.Context, r *run, c *comparison, src 
 		return fail(fmt.Errorf("repair: %w", err))
 	}
 	return nil
+}
+
+// beginSnapshot starts the read-only transaction a check reads the source
+// in: one snapshot for all its queries, with validate.Settings.
+func beginSnapshot(ctx context.Context, src *pgxpool.Conn) (pgx.Tx, error) {
+	tx, err := src.BeginTx(ctx, pgx.TxOptions{IsoLevel: pgx.RepeatableRead, AccessMode: pgx.ReadOnly})
+	if err != nil {
+		return nil, err
+	}
+	if err := execAll(ctx, tx, "set up the source session", validate.Settings); err != nil {
+		_ = tx.Rollback(context.WithoutCancel(ctx))
+		return nil, err
+	}
+	return tx, nil
+}
+
+// bothSides runs f on the source (stx, c.src) and the destination (dtx,
+// c.dst) at once.
+func bothSides[T any](ctx context.Context, c *comparison, stx, dtx pgx.Tx, f func(context.Context, pgx.Tx, validate.Side) (T, error)) (T, T, error) {
+	var s, d T
+	g, gctx := errgroup.WithContext(ctx)
+	g.Go(func() (err error) { s, err = f(gctx, stx, c.src); return err })
+	g.Go(func() (err error) { d, err = f(gctx, dtx, c.dst); return err })
+	err := g.Wait()
+	return s, d, err
 }
 
 // compare plans the chunks on the source and sums them on both sides at
@@ -283,17 +294,10 @@ func (c *comparison) sum(ctx context.Context, stx, dtx pgx.Tx, which []int, tota
 	for i, w := range which {
 		chunks[i] = c.chunks[w]
 	}
-	var s, d []validate.Sum
-	g, gctx := errgroup.WithContext(ctx)
-	g.Go(func() (err error) {
-		s, err = validate.Sums(gctx, stx, c.spec, c.src, chunks, c.pending)
-		return err
+	s, d, err := bothSides(ctx, c, stx, dtx, func(ctx context.Context, q pgx.Tx, side validate.Side) ([]validate.Sum, error) {
+		return validate.Sums(ctx, q, c.spec, side, chunks, c.pending)
 	})
-	g.Go(func() (err error) {
-		d, err = validate.Sums(gctx, dtx, c.spec, c.dst, chunks, c.pending)
-		return err
-	})
-	if err := g.Wait(); err != nil {
+	if err != nil {
 		return err
 	}
 	c.differ = c.differ[:0]
@@ -349,43 +353,19 @@ func (c *comparison) findPending(ctx context.Context, r *run, stx pgx.Tx) error 
 		}
 	case c.t.Type == "updater" && c.t.LastValue != nil:
 		from = c.t.Source
-		extra = ident.Quote(c.t.Control) + " > " + c.t.Kind.literal(*c.t.LastValue)
+		extra = c.t.pastLastValue()
 	default:
 		return nil
 	}
 	if len(c.spec.Key) == 0 {
 		return nil
 	}
-	keys := quotedKeyTexts(c.spec.Key)
 	for _, i := range c.differ {
-		cond := []string{validate.RangeCondition(c.spec, c.chunks[i], "")}
-		for _, k := range c.spec.Key {
-			cond = append(cond, ident.Quote(k.Name)+" IS NOT NULL")
-		}
-		if extra != "" {
-			cond = append(cond, extra)
-		}
-		rows, err := stx.Query(ctx, "SELECT DISTINCT "+strings.Join(keys, ", ")+" FROM "+from.Sanitize()+
-			" WHERE "+strings.Join(cond, " AND ")+fmt.Sprintf(" LIMIT %d", maxPending+1))
+		keys, err := validate.Keys(ctx, stx, c.spec, from, c.chunks[i], extra, maxPending+1-len(c.pending))
 		if err != nil {
 			return fmt.Errorf("read pending changes from %s: %w", from, err)
 		}
-		for rows.Next() {
-			vals := make([]string, len(keys))
-			dest := make([]any, len(vals))
-			for j := range vals {
-				dest[j] = &vals[j]
-			}
-			if err := rows.Scan(dest...); err != nil {
-				rows.Close()
-				return err
-			}
-			c.pending = append(c.pending, vals)
-		}
-		rows.Close()
-		if err := rows.Err(); err != nil {
-			return fmt.Errorf("read pending changes from %s: %w", from, err)
-		}
+		c.pending = append(c.pending, keys...)
 		if len(c.pending) > maxPending {
 			return fmt.Errorf("more than %d changes of %s are not applied yet: refresh it, then validate", maxPending, r.dest)
 		}
@@ -449,14 +429,6 @@ func keyNames(key []validate.Column) []string {
 	out := make([]string, len(key))
 	for i, k := range key {
 		out[i] = k.Name
-	}
-	return out
-}
-
-func quotedKeyTexts(key []validate.Column) []string {
-	out := make([]string, len(key))
-	for i, k := range key {
-		out[i] = ident.Quote(k.Name) + "::text"
 	}
 	return out
 }

@@ -6,7 +6,6 @@ import (
 	"strings"
 
 	"github.com/jackc/pgx/v5"
-	"golang.org/x/sync/errgroup"
 
 	"github.com/mimeo-dev/mimeo/validate"
 )
@@ -24,17 +23,10 @@ func (c *comparison) refineKept(ctx context.Context, stx, dtx pgx.Tx) error {
 	var still []int
 	c.kept = 0
 	for _, i := range c.differ {
-		var s, d []validate.RowHash
-		g, gctx := errgroup.WithContext(ctx)
-		g.Go(func() (err error) {
-			s, err = validate.Rows(gctx, stx, c.spec, c.src, c.chunks[i], c.pending, c.match)
-			return err
+		s, d, err := bothSides(ctx, c, stx, dtx, func(ctx context.Context, q pgx.Tx, side validate.Side) ([]validate.RowHash, error) {
+			return validate.Rows(ctx, q, c.spec, side, c.chunks[i], c.pending, c.match)
 		})
-		g.Go(func() (err error) {
-			d, err = validate.Rows(gctx, dtx, c.spec, c.dst, c.chunks[i], c.pending, c.match)
-			return err
-		})
-		if err := g.Wait(); err != nil {
+		if err != nil {
 			return err
 		}
 		missing, kept := c.rowDiff(s, d)

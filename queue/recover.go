@@ -150,3 +150,24 @@ func RequeueLost(ctx context.Context, db DB, agentID int64, running []int64) ([]
 	}
 	return ids, nil
 }
+
+// sqlAliveAgents counts the running agents that are not dead by
+// sqlDeadAgents' measure (a killed one loses its liveness lock at once),
+// and tells when any agent was last seen.
+const sqlAliveAgents = `
+WITH dead AS (` + sqlDeadAgents + `)
+SELECT count(*) FILTER (WHERE a.status = 'running' AND a.id NOT IN (SELECT id FROM dead)), max(a.last_seen)
+FROM mimeo.agent a`
+
+// AliveAgents counts the agents alive now, their heartbeat no older than
+// staleAfter, and returns when any agent was last seen (nil if none ever
+// registered).
+func AliveAgents(ctx context.Context, db DB, staleAfter time.Duration) (int, *time.Time, error) {
+	var n int
+	var seen *time.Time
+	stale := fmt.Sprintf("%d milliseconds", staleAfter.Milliseconds())
+	if err := db.QueryRow(ctx, sqlAliveAgents, stale).Scan(&n, &seen); err != nil {
+		return 0, nil, fmt.Errorf("count live agents: %w", err)
+	}
+	return n, seen, nil
+}

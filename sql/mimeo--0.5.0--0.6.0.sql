@@ -115,6 +115,19 @@ BEGIN
 END
 $$;
 
+-- Raises unless p_dest_table is replicated as type p_type.
+CREATE OR REPLACE FUNCTION mimeo.check_config(p_dest_table text, p_type text) RETURNS void
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v_type text := mimeo.check_replicated(p_dest_table);
+BEGIN
+    IF v_type <> p_type THEN
+        RAISE EXCEPTION 'mimeo: % is replicated as type %, not %', p_dest_table, v_type, p_type
+            USING ERRCODE = 'wrong_object_type';
+    END IF;
+END
+$$;
+
 -- Compares the row counts of source and destination over what is
 -- replicated: the condition, for inserter and updater only up to
 -- last_value, for logdel the live rows.

@@ -14,7 +14,6 @@ import (
 	"strings"
 
 	"github.com/jackc/pgx/v5"
-	"github.com/jackc/pgx/v5/pgconn"
 
 	"github.com/mimeo-dev/mimeo/internal/ident"
 )
@@ -22,7 +21,6 @@ import (
 // Querier is a connection or a transaction.
 type Querier interface {
 	Query(ctx context.Context, sql string, args ...any) (pgx.Rows, error)
-	Exec(ctx context.Context, sql string, args ...any) (pgconn.CommandTag, error)
 }
 
 // DefaultChunkRows is how many source rows a chunk holds unless told.
@@ -84,25 +82,17 @@ func Plan(ctx context.Context, q Querier, spec Spec, src Side) ([]Chunk, error) 
 	if size <= 0 {
 		size = DefaultChunkRows
 	}
-	keys := quotedKeys(spec.Key)
-	texts := make([]string, len(spec.Key))
-	for i, k := range keys {
-		texts[i] = k + "::text"
-	}
+	keys := strings.Join(quotedKeys(spec.Key), ", ")
 	sql := fmt.Sprintf(`SELECT %s FROM (SELECT %s, row_number() OVER (ORDER BY %s) AS mimeo_rn FROM %s%s) s
 WHERE mimeo_rn %% $1 = 1 AND mimeo_rn > 1 ORDER BY mimeo_rn`,
-		strings.Join(texts, ", "), strings.Join(keys, ", "), strings.Join(keys, ", "), src.Table.Sanitize(), where(src.Where))
+		strings.Join(textKeys(spec.Key), ", "), keys, keys, src.Table.Sanitize(), where(src.Where))
 	rows, err := q.Query(ctx, sql, size)
 	if err != nil {
 		return nil, fmt.Errorf("cut %s into chunks: %w", src.Table, err)
 	}
 	cuts, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) ([]string, error) {
-		vals := make([]*string, len(spec.Key))
-		dest := make([]any, len(vals))
-		for i := range vals {
-			dest[i] = &vals[i]
-		}
-		if err := row.Scan(dest...); err != nil {
+		vals, err := scanTexts(row, len(spec.Key))
+		if err != nil {
 			return nil, err
 		}
 		out := make([]string, len(vals))
@@ -270,6 +260,26 @@ func RangeCondition(spec Spec, c Chunk, alias string) string {
 	return strings.Join(conds, " AND ")
 }
 
+// textKeys selects each column as text.
+func textKeys(cols []Column) []string {
+	out := quotedKeys(cols)
+	for i := range out {
+		out[i] += "::text"
+	}
+	return out
+}
+
+// scanTexts scans a row's first n columns as text (nil for NULL), and the
+// rest into extra.
+func scanTexts(row interface{ Scan(...any) error }, n int, extra ...any) ([]*string, error) {
+	vals := make([]*string, n)
+	dest := make([]any, 0, n+len(extra))
+	for i := range vals {
+		dest = append(dest, &vals[i])
+	}
+	return vals, row.Scan(append(dest, extra...)...)
+}
+
 func quotedKeys(key []Column) []string {
 	out := make([]string, len(key))
 	for i, k := range key {
@@ -297,10 +307,7 @@ type RowHash struct {
 // leaving out the rows whose chunk key is among exclude: for a closer look
 // at a chunk that differs (a chunk is small: ChunkRows rows).
 func Rows(ctx context.Context, q Querier, spec Spec, side Side, c Chunk, exclude [][]string, match []Column) ([]RowHash, error) {
-	keys := make([]string, len(match))
-	for i, k := range quotedKeys(match) {
-		keys[i] = k + "::text"
-	}
+	keys := textKeys(match)
 	conds := []string{RangeCondition(spec, c, "")}
 	if side.Where != "" {
 		conds = append(conds, "("+side.Where+")")
@@ -320,14 +327,9 @@ func Rows(ctx context.Context, q Querier, spec Spec, side Side, c Chunk, exclude
 	defer rows.Close()
 	var out []RowHash
 	for rows.Next() {
-		vals := make([]*string, len(match))
 		var h int64
-		dest := make([]any, 0, len(vals)+1)
-		for i := range vals {
-			dest = append(dest, &vals[i])
-		}
-		dest = append(dest, &h)
-		if err := rows.Scan(dest...); err != nil {
+		vals, err := scanTexts(rows, len(match), &h)
+		if err != nil {
 			return nil, fmt.Errorf("list the rows of a chunk of %s: %w", side.Table, err)
 		}
 		r := RowHash{Hash: h, Key: make([]string, len(vals))}
@@ -363,4 +365,37 @@ func excludeCondition(spec Spec, exclude [][]string, args []any) (string, []any)
 	}
 	return fmt.Sprintf("NOT EXISTS (SELECT 1 FROM unnest(%s) AS e(%s) WHERE %s = (%s))",
 		strings.Join(arrays, ", "), strings.Join(names, ", "), keys, strings.Join(match, ", ")), args
+}
+
+// Keys lists the distinct chunk keys in chunk c of table that meet where
+// ("" for all), at most limit of them: the keys of changes not applied
+// yet, say, read from a source queue that holds the same key columns.
+func Keys(ctx context.Context, q Querier, spec Spec, table ident.Name, c Chunk, where string, limit int) ([][]string, error) {
+	conds := []string{RangeCondition(spec, c, "")}
+	for _, k := range quotedKeys(spec.Key) {
+		conds = append(conds, k+" IS NOT NULL")
+	}
+	if where != "" {
+		conds = append(conds, "("+where+")")
+	}
+	rows, err := q.Query(ctx, "SELECT DISTINCT "+strings.Join(textKeys(spec.Key), ", ")+" FROM "+table.Sanitize()+
+		" WHERE "+strings.Join(conds, " AND ")+" LIMIT $1", limit)
+	if err != nil {
+		return nil, fmt.Errorf("list the keys of a chunk of %s: %w", table, err)
+	}
+	keys, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) ([]string, error) {
+		vals, err := scanTexts(row, len(spec.Key))
+		if err != nil {
+			return nil, err
+		}
+		out := make([]string, len(vals))
+		for i, v := range vals {
+			out[i] = *v // NOT NULL above
+		}
+		return out, nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("list the keys of a chunk of %s: %w", table, err)
+	}
+	return keys, nil
 }

@@ -13,6 +13,7 @@ import (
 	"github.com/jackc/pgx/v5"
 
 	"github.com/mimeo-dev/mimeo/agent"
+	"github.com/mimeo-dev/mimeo/queue"
 	mimeosql "github.com/mimeo-dev/mimeo/sql"
 )
 
@@ -126,18 +127,6 @@ SELECT dest_table, type, dblink, source_table,
        extract(epoch FROM lag)::float8, extract(epoch FROM period)::float8, last_validated_at, last_validation_ok
 FROM mimeo.refresh_status ORDER BY dest_table`
 
-// sqlAgentsAlive counts the agents whose heartbeat is recent and whose
-// session still holds their liveness lock (a killed agent loses it at
-// once), and tells when the last one was seen.
-const sqlAgentsAlive = `
-SELECT count(*) FILTER (WHERE a.status = 'running' AND a.last_seen > clock_timestamp() - $1::float8 * interval '1 second'
-                          AND EXISTS (SELECT 1 FROM pg_catalog.pg_locks l
-                                      WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
-                                        AND l.database = (SELECT d.oid FROM pg_catalog.pg_database d WHERE d.datname = current_database())
-                                        AND l.classid = mimeo.agent_lock_key()::oid AND l.objid = a.id::int::oid)),
-       max(a.last_seen)
-FROM mimeo.agent a`
-
 // exitUnhealthy is status' exit status when a table is failing, invalid,
 // overdue or never run, or no agent is alive.
 const exitUnhealthy = 4
@@ -190,8 +179,8 @@ func cmdStatus(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	}
 	defer conn.Close(context.WithoutCancel(ctx))
 	rep := statusReport{Problems: []string{}, Tables: []tableStatus{}}
-	if err := conn.QueryRow(ctx, sqlAgentsAlive, cfg.AgentTimeout.Seconds()).Scan(&rep.AgentsAlive, &rep.LastSeen); err != nil {
-		return fmt.Errorf("read mimeo.agent: %w", err)
+	if rep.AgentsAlive, rep.LastSeen, err = queue.AliveAgents(ctx, conn, cfg.AgentTimeout); err != nil {
+		return err
 	}
 	rows, err := conn.Query(ctx, sqlStatus)
 	if err != nil {
