@@ -139,6 +139,40 @@ func TestDMLCrashBeforeQueueCleanup(t *testing.T) {
 	require.Zero(t, claimed, "queue drained")
 }
 
+// The source reads the next batch while the destination applies one. A
+// batch the destination refuses fails the run: the batches before it stay
+// committed, no entry of it or of the batch read ahead is lost, and once
+// the cause is gone the next run makes the copy exact.
+func TestDMLBatchRefusedWhileTheNextIsRead(t *testing.T) {
+	t.Parallel()
+	e := setup(t)
+	e.exec(e.app, `CREATE TABLE public.t (id int PRIMARY KEY, v int)`)
+	e.exec(e.app, `INSERT INTO public.t SELECT g, g FROM generate_series(1, 60) g`)
+	e.prepareTriggers("public.t")
+	e.startAgent(e.config())
+	e.done(`SELECT mimeo.dml_maker('public.t', $1)`, e.dblink)
+	e.exec(e.dst, `ALTER TABLE public.t ADD CONSTRAINT small CHECK (v < 1000)`)
+	// Queued in this order: batch 1 (ids 1-10), then the refused row in
+	// batch 2, then 3 more batches.
+	e.exec(e.app, `UPDATE t SET v = -v WHERE id <= 10`)
+	e.exec(e.app, `UPDATE t SET v = 5000 WHERE id = 11`)
+	e.exec(e.app, `UPDATE t SET v = -v WHERE id BETWEEN 12 AND 40`)
+	require.Contains(t, e.failed(`SELECT mimeo.refresh_dml('public.t', p_limit => 10)`), "small")
+	var batch1, refused int
+	require.NoError(t, e.dst.QueryRow(e.ctx, `SELECT count(*) FILTER (WHERE id <= 10 AND v < 0), count(*) FILTER (WHERE id = 11 AND v = 11) FROM public.t`).Scan(&batch1, &refused))
+	require.Equal(t, 10, batch1, "the first batch committed")
+	require.Equal(t, 1, refused, "the refused batch left nothing")
+	var queued int
+	require.NoError(t, e.src.QueryRow(e.ctx, `SELECT count(DISTINCT id) FILTER (WHERE id > 10) FROM mimeo.`+queueName(t, e)).Scan(&queued))
+	require.Equal(t, 30, queued, "every entry after the first batch is still queued")
+
+	e.exec(e.dst, `ALTER TABLE public.t DROP CONSTRAINT small`)
+	e.done(`SELECT mimeo.refresh_dml('public.t', p_limit => 10)`)
+	e.requireSame("public.t", "public.t")
+	require.NoError(t, e.src.QueryRow(e.ctx, `SELECT count(*) FROM mimeo.`+queueName(t, e)).Scan(&queued))
+	require.Zero(t, queued, "queue drained")
+}
+
 func queueName(t *testing.T, e *env) string {
 	var q string
 	require.NoError(t, e.dst.QueryRow(e.ctx, `SELECT (parse_ident(queue_table))[2] FROM mimeo.refresh_config_dml`).Scan(&q))

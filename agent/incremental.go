@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"strings"
 
 	"github.com/jackc/pgx/v5"
@@ -203,52 +204,95 @@ func (a *Agent) catchUp(ctx context.Context, r *run, src *pgxpool.Conn, cfg *inc
 		}
 		last = &canon
 	}
-	for {
-		end, final := "", false
-		if bound != "" {
-			end, final, err = batchEnd(ctx, src, cfg, st, deref(last), bound, limit)
-			if err != nil {
-				return fmt.Errorf("refresh %s: find batch: %w", r.dest, err)
-			}
-		}
-		if end == "" { // caught up
-			return withTx(ctx, r.dst, func(tx pgx.Tx) error {
-				return a.finishInc(ctx, tx, r, cfg, st, total, batches, last)
-			})
-		}
-		where := window(cfg.Kind, cfg.Control, deref(last), end, "<=", cfg.Condition)
+	pctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	pending := make(chan *incBatch, 1)
+	produced := make(chan error, 1)
+	go func() { produced <- produceInc(pctx, src, cfg, st, deref(last), bound, limit, pending) }()
+	for b := range pending {
 		var rows int64
 		err := withTx(ctx, r.dst, func(tx pgx.Tx) error {
 			var err error
-			if rows, err = applyRows(ctx, tx, src, cfg, st, r.dest, where); err != nil {
+			if rows, err = applyRows(ctx, tx, cfg, st, r.dest, b.rows); err != nil {
 				return err
 			}
-			if err := advance(ctx, tx, cfg, r.req.DestTable, end); err != nil {
+			if err := advance(ctx, tx, cfg, r.req.DestTable, b.end); err != nil {
 				return err
 			}
-			if final {
-				l := end
-				return a.finishInc(ctx, tx, r, cfg, st, total+rows, batches+1, &l)
+			if b.final {
+				return a.finishInc(ctx, tx, r, cfg, st, total+rows, batches+1, &b.end)
 			}
 			return nil
 		})
 		if err != nil {
+			if perr := stopProducer(cancel, pending, produced, b); perr != nil {
+				err = perr // the destination only failed because the source did
+			}
 			return fmt.Errorf("refresh %s: batch %d (%s): %w", r.dest, batches+1, describeLast(last), err)
 		}
 		total += rows
 		batches++
 		r.committed = total
-		last = &end
+		last = &b.end
 		if r.debug {
-			r.note(ctx, "Batch", fmt.Sprintf("batch %d: %d rows up to %s", batches, rows, end), false)
+			r.note(ctx, "Batch", fmt.Sprintf("batch %d: %d rows up to %s", batches, rows, b.end), false)
+		}
+		if b.final {
+			return <-produced
+		}
+		if ctx.Err() != nil {
+			_ = stopProducer(cancel, pending, produced)
+			return ctx.Err() // committed batches stay; the request is resumed
+		}
+	}
+	if err := <-produced; err != nil {
+		return fmt.Errorf("refresh %s: %w", r.dest, err)
+	}
+	// Caught up.
+	return withTx(ctx, r.dst, func(tx pgx.Tx) error {
+		return a.finishInc(ctx, tx, r, cfg, st, total, batches, last)
+	})
+}
+
+// incBatch is a batch in flight: the control value it ends on, and its
+// rows, spooled from the source.
+type incBatch struct {
+	end   string
+	final bool // the last batch before the run's upper bound
+	rows  *spool
+}
+
+func (b *incBatch) closeRead() { b.rows.closeRead() }
+
+// produceInc is catchUp's source side: it finds each batch's end and
+// spools its rows, the next batch while the destination writes this one,
+// until the upper bound (none when bound is ""); then it closes batches.
+func produceInc(ctx context.Context, src *pgxpool.Conn, cfg *incConfig, st *sourceTable, last, bound string, limit int, batches chan<- *incBatch) error {
+	defer close(batches)
+	for bound != "" {
+		end, final, err := batchEnd(ctx, src, cfg, st, last, bound, limit)
+		if err != nil {
+			return fmt.Errorf("find batch: %w", err)
+		}
+		if end == "" {
+			return nil
+		}
+		b := &incBatch{end: end, final: final, rows: newSpool()}
+		select {
+		case batches <- b:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+		where := window(cfg.Kind, cfg.Control, last, end, "<=", cfg.Condition)
+		if err := spoolCopy(ctx, src.Conn().PgConn(), rowsSQL(st, where), b.rows); err != nil {
+			return err
 		}
 		if final {
 			return nil
 		}
-		if ctx.Err() != nil {
-			return ctx.Err() // committed batches stay; the request is resumed
-		}
+		last = end
 	}
+	return nil
 }
 
 // describeLast says in a clause where a table stands: "last_value is
@@ -361,34 +405,39 @@ func batchEnd(ctx context.Context, src *pgxpool.Conn, cfg *incConfig, st *source
 	return deref(maxEnd), maxEnd != nil, nil
 }
 
-// applyRows streams the source rows matching where into the destination:
+// rowsSQL is the COPY of the source rows matching where.
+func rowsSQL(st *sourceTable, where string) string {
+	return "COPY (SELECT " + columnList(st.Columns) + " FROM " + st.Name.Sanitize() + " " + where + ") TO STDOUT (FORMAT binary)"
+}
+
+// applyRows writes rows (the output of rowsSQL) to the destination:
 // appended (inserter), or through a staging table that replaces rows by
 // key (updater), set-based.
-func applyRows(ctx context.Context, tx pgx.Tx, src *pgxpool.Conn, cfg *incConfig, st *sourceTable, dest ident.Name, where string) (int64, error) {
-	out := "COPY (SELECT " + columnList(st.Columns) + " FROM " + st.Name.Sanitize() + " " + where + ") TO STDOUT (FORMAT binary)"
+func applyRows(ctx context.Context, tx pgx.Tx, cfg *incConfig, st *sourceTable, dest ident.Name, rows io.Reader) (int64, error) {
 	if cfg.Type == "inserter" {
-		in := "COPY " + dest.Sanitize() + " (" + columnList(st.Columns) + ") FROM STDIN (FORMAT binary)"
-		return copyRows(ctx, src.Conn().PgConn(), out, tx.Conn().PgConn(), in)
+		tag, err := tx.Conn().PgConn().CopyFrom(ctx, rows, "COPY "+dest.Sanitize()+" ("+columnList(st.Columns)+") FROM STDIN (FORMAT binary)")
+		if err != nil {
+			return 0, fmt.Errorf("write to destination: %w", err)
+		}
+		return tag.RowsAffected(), nil
 	}
 	stage := ident.Quote("mimeo_stage")
 	if _, err := tx.Exec(ctx, "CREATE TEMP TABLE "+stage+" ("+columnDefs(st.Columns)+") ON COMMIT DROP"); err != nil {
 		return 0, fmt.Errorf("create staging table: %w", err)
 	}
-	n, err := copyRows(ctx, src.Conn().PgConn(), out, tx.Conn().PgConn(),
-		"COPY "+stage+" ("+columnList(st.Columns)+") FROM STDIN (FORMAT binary, FREEZE)")
+	tag, err := tx.Conn().PgConn().CopyFrom(ctx, rows, "COPY "+stage+" ("+columnList(st.Columns)+") FROM STDIN (FORMAT binary, FREEZE)")
 	if err != nil {
-		return 0, err
+		return 0, fmt.Errorf("write to destination: %w", err)
 	}
-	if n == 0 {
+	if tag.RowsAffected() == 0 {
 		return 0, nil
 	}
 	keys := make([]string, len(cfg.PkField))
 	for i, k := range cfg.PkField {
 		keys[i] = "d." + ident.Quote(k) + " = s." + ident.Quote(k)
 	}
-	if _, err := tx.Exec(ctx, "ANALYZE "+stage); err != nil {
-		return 0, fmt.Errorf("analyze staging table: %w", err)
-	}
+	// No ANALYZE of the staging table: sqlKeyedJoins leaves the planner
+	// the destination's key index, which is what a batch wants.
 	if err := execAll(ctx, tx, "replace rows", []string{
 		sqlKeyedJoins,
 		"DELETE FROM " + dest.Sanitize() + " d USING " + stage + " s WHERE " + strings.Join(keys, " AND "),
@@ -399,7 +448,7 @@ func applyRows(ctx context.Context, tx pgx.Tx, src *pgxpool.Conn, cfg *incConfig
 	if _, err := tx.Exec(ctx, "INSERT INTO "+dest.Sanitize()+" ("+columnList(st.Columns)+") SELECT "+columnList(st.Columns)+" FROM "+stage); err != nil {
 		return 0, fmt.Errorf("insert rows: %w", err)
 	}
-	return n, nil
+	return tag.RowsAffected(), nil
 }
 
 // advance moves last_value forward inside the batch's transaction; it
@@ -459,7 +508,12 @@ func (a *Agent) repullRange(ctx context.Context, r *run, src *pgxpool.Conn, cfg 
 		if _, err := tx.Exec(ctx, "DELETE FROM "+r.dest.Sanitize()+" "+window(cfg.Kind, cfg.Control, lower, upper, op, "")); err != nil {
 			return fmt.Errorf("repull %s: delete range: %w", r.dest, err)
 		}
-		rows, err := applyRows(ctx, tx, src, cfg, st, r.dest, window(cfg.Kind, cfg.Control, lower, upper, op, cfg.Condition))
+		var rows int64
+		err := throughSpool(ctx, src.Conn().PgConn(), rowsSQL(st, window(cfg.Kind, cfg.Control, lower, upper, op, cfg.Condition)), func(in io.Reader) error {
+			var err error
+			rows, err = applyRows(ctx, tx, cfg, st, r.dest, in)
+			return err
+		})
 		if err != nil {
 			return fmt.Errorf("repull %s: %w", r.dest, err)
 		}

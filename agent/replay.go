@@ -3,6 +3,7 @@ package agent
 import (
 	"context"
 	"fmt"
+	"io"
 	"math/rand/v2"
 	"slices"
 	"strconv"
@@ -76,51 +77,16 @@ func (a *Agent) refreshQueued(ctx context.Context, r *run, typ string) error {
 	if args.Limit != nil {
 		limit = *args.Limit
 	}
-	var total int64
-	batches := 0
-	for {
-		// Each batch has a token of its own: a run only ever removes the
-		// entries it claimed itself.
-		token := rand.Int64N(1<<62) + 1
-		claimed, err := claimBatch(ctx, src, cfg, limit, token, batches == 0)
-		if err != nil {
-			return fmt.Errorf("refresh %s: claim queued changes: %w", r.dest, err)
-		}
-		if claimed == 0 {
-			break
-		}
-		var rows int64
-		err = withTx(ctx, r.dst, func(tx pgx.Tx) error {
-			var err error
-			rows, err = applyQueued(ctx, tx, src, cfg, st, r.dest, token)
-			return err
-		})
-		if err != nil {
-			return fmt.Errorf("refresh %s: apply batch %d: %w", r.dest, batches+1, err)
-		}
-		r.committed = total + rows
-		if err := a.fault(faultAfterDestCommit); err != nil {
-			return err
-		}
-		// Only now, with the destination committed, may the entries go.
-		if err := execSourceArgs(ctx, src, "DELETE FROM "+cfg.Names.Queue.Sanitize()+" WHERE "+ident.Quote(triggers.ColClaimed)+" = $1", token); err != nil {
-			return fmt.Errorf("refresh %s: remove applied queue entries: %w", r.dest, err)
-		}
-		total += rows
-		batches++
-		if r.debug {
-			r.note(ctx, "Batch", fmt.Sprintf("batch %d: %d queued changes, %d rows", batches, claimed, rows), false)
-		}
-		if ctx.Err() != nil {
-			return ctx.Err()
-		}
+	batches, err := a.replayBatches(ctx, r, src, cfg, st, limit)
+	if err != nil {
+		return fmt.Errorf("refresh %s: %w", r.dest, err)
 	}
 	// After the replay, so that logdel has recorded the deletions queued
 	// with their values before a TRUNCATE marks the rest.
 	if err := a.pruneVanished(ctx, r, src, cfg, st, vanished); err != nil {
 		return fmt.Errorf("refresh %s: %w", r.dest, err)
 	}
-	total = r.committed
+	total := r.committed
 	return withTx(ctx, r.dst, func(tx pgx.Tx) error {
 		if _, err := tx.Exec(ctx, sqlRecordRun, r.req.DestTable, r.started); err != nil {
 			return fmt.Errorf("record run: %w", err)
@@ -140,6 +106,18 @@ func (a *Agent) refreshQueued(ctx context.Context, r *run, typ string) error {
 func recordColumns(ctx context.Context, tx pgx.Tx, typ, dest string, st *sourceTable) error {
 	if _, err := tx.Exec(ctx, "UPDATE "+typeConfigTable(typ)+" SET columns = $2 WHERE dest_table = $1", dest, columnNames(st.Columns)); err != nil {
 		return fmt.Errorf("record columns: %w", err)
+	}
+	return nil
+}
+
+// newToken is a fresh batch token (never 0, which means none).
+func newToken() int64 { return rand.Int64N(1<<62) + 1 }
+
+// removeBatch deletes the queue entries of a batch the destination has
+// committed.
+func removeBatch(ctx context.Context, src *pgxpool.Conn, cfg *queueConfig, token int64) error {
+	if err := execSourceArgs(ctx, src, "DELETE FROM "+cfg.Names.Queue.Sanitize()+" WHERE "+ident.Quote(triggers.ColClaimed)+" = $1", token); err != nil {
+		return fmt.Errorf("remove applied queue entries: %w", err)
 	}
 	return nil
 }
@@ -198,21 +176,16 @@ const existsColumn = "mimeo_exists"
 // source still has (the other columns are NULL when it does not).
 const presentColumn = "mimeo_present"
 
-// applyQueued applies a claimed batch inside the destination's tx: delete
-// its keys and insert the source's current rows for them (logdel: and the
-// last values of rows deleted on the source, marked deleted). One COPY
-// brings each claimed key with its current row, if any, so the queue is
-// read once per batch.
-func applyQueued(ctx context.Context, tx pgx.Tx, src *pgxpool.Conn, cfg *queueConfig, st *sourceTable, dest ident.Name, token int64) (int64, error) {
-	q := cfg.Names.Queue.Sanitize()
-	mine := ident.Quote(triggers.ColClaimed) + " = " + strconv.FormatInt(token, 10)
-	keys := quoteNames(cfg.PkField)
-	cols := columnList(st.Columns)
-	stage := ident.Quote("mimeo_stage_rows")
-	present := ident.Quote(presentColumn)
-	// Key columns from the queue (cast back from its wider types), the
-	// others from the source row. The condition is written against the
-	// source table alone, so it is applied in a subquery of its own.
+// claimedBy is the condition on queue entries claimed under token.
+func claimedBy(token int64) string {
+	return ident.Quote(triggers.ColClaimed) + " = " + strconv.FormatInt(token, 10)
+}
+
+// queuedRowsSQL is the COPY that brings each key claimed under token with
+// the source's current row for it, if any, so the queue is read once per
+// batch: key columns from the queue (cast back from its wider types), the
+// others from the source row, then presentColumn and existsColumn.
+func queuedRowsSQL(cfg *queueConfig, st *sourceTable, token int64) string {
 	var picks []string
 	for _, c := range st.Columns {
 		if slices.Contains(cfg.PkField, c.Name) {
@@ -221,21 +194,32 @@ func applyQueued(ctx context.Context, tx pgx.Tx, src *pgxpool.Conn, cfg *queueCo
 			picks = append(picks, "t."+ident.Quote(c.Name))
 		}
 	}
+	// The condition is written against the source table alone, so it is
+	// applied in a subquery of its own.
 	rows, inCondition := st.Name.Sanitize(), "t."+ident.Quote(cfg.PkField[0])+" IS NOT NULL"
 	if cfg.Condition != "" {
 		rows = "(SELECT *, " + strings.TrimPrefix(whereClause(cfg.Condition), "WHERE ") + " AS mimeo_in_condition FROM " + st.Name.Sanitize() + ")"
 		inCondition = "t.mimeo_in_condition IS TRUE"
 	}
+	return "COPY (SELECT " + strings.Join(picks, ", ") + ", " + inCondition + ", t." + ident.Quote(cfg.PkField[0]) + " IS NOT NULL" +
+		" FROM (SELECT DISTINCT " + quoteNames(cfg.PkField) + " FROM " + cfg.Names.Queue.Sanitize() + " WHERE " + claimedBy(token) + ") k" +
+		" LEFT JOIN " + rows + " t ON " + keyMatch(cfg.PkField, "t", "k") + ") TO STDOUT (FORMAT binary)"
+}
+
+// applyQueued applies a claimed batch inside the destination's tx: delete
+// its keys and insert the source's current rows for them (logdel: and the
+// last values of rows deleted on the source, marked deleted). rows is the
+// output of queuedRowsSQL, deleted (logdel) that of deletionsSQL.
+func applyQueued(ctx context.Context, tx pgx.Tx, cfg *queueConfig, st *sourceTable, dest ident.Name, rows, deleted io.Reader) (int64, error) {
+	cols := columnList(st.Columns)
+	stage := ident.Quote("mimeo_stage_rows")
+	present := ident.Quote(presentColumn)
 	exists := ident.Quote(existsColumn)
 	if _, err := tx.Exec(ctx, "CREATE TEMP TABLE "+stage+" ("+columnDefs(unconstrained(st.Columns))+", "+present+" boolean, "+
 		exists+" boolean) ON COMMIT DROP"); err != nil {
 		return 0, fmt.Errorf("create staging table: %w", err)
 	}
-	if _, err := copyRows(ctx, src.Conn().PgConn(),
-		"COPY (SELECT "+strings.Join(picks, ", ")+", "+inCondition+", t."+ident.Quote(cfg.PkField[0])+" IS NOT NULL"+
-			" FROM (SELECT DISTINCT "+keys+" FROM "+q+" WHERE "+mine+") k"+
-			" LEFT JOIN "+rows+" t ON "+keyMatch(cfg.PkField, "t", "k")+") TO STDOUT (FORMAT binary)",
-		tx.Conn().PgConn(), "COPY "+stage+" ("+cols+", "+present+", "+exists+") FROM STDIN (FORMAT binary, FREEZE)"); err != nil {
+	if _, err := tx.Conn().PgConn().CopyFrom(ctx, rows, "COPY "+stage+" ("+cols+", "+present+", "+exists+") FROM STDIN (FORMAT binary, FREEZE)"); err != nil {
 		return 0, fmt.Errorf("copy queued keys and current rows: %w", err)
 	}
 	d := dest.Sanitize()
@@ -253,34 +237,54 @@ func applyQueued(ctx context.Context, tx pgx.Tx, src *pgxpool.Conn, cfg *queueCo
 		}
 		return tag.RowsAffected(), nil
 	}
-
-	// logdel: the last deletion queued for each key of the batch.
-	stageDel, err := stageDeletions(ctx, tx, src.Conn().PgConn(), cfg, st, "q."+mine+" AND ")
+	stageDel, err := createDeletionStage(ctx, tx, st)
 	if err != nil {
 		return 0, err
+	}
+	if _, err := tx.Conn().PgConn().CopyFrom(ctx, deleted, copyDeletionsIn(st, stageDel)); err != nil {
+		return 0, fmt.Errorf("copy deleted rows: %w", err)
 	}
 	return applyLogdel(ctx, tx, cfg, st, dest, stage, stageDel, false)
 }
 
-// stageDeletions copies, for each key, the last deletion in the source
-// queue (among the entries that pass filter, a condition followed by AND,
-// or "") into a staging table and returns its name. The queue keeps a
-// deleted row as jsonb; it is read back as a row of the source table as it
-// is now (a column added since is NULL, one dropped is left out).
-func stageDeletions(ctx context.Context, tx pgx.Tx, src *pgconn.PgConn, cfg *queueConfig, st *sourceTable, filter string) (string, error) {
+// deletionsSQL is the COPY that brings, for each key, the last deletion in
+// the source queue among the entries that pass filter (a condition
+// followed by AND, or ""). The queue keeps a deleted row as jsonb; it is
+// read back as a row of the source table as it is now (a column added
+// since is NULL, one dropped is left out).
+func deletionsSQL(cfg *queueConfig, st *sourceTable, filter string) string {
 	deletedAt := ident.Quote(triggers.ColDeletedAt)
 	keys := prefixNames("q.", cfg.PkField)
-	cols := columnList(st.Columns)
+	return "COPY (SELECT DISTINCT ON (" + keys + ") " + prefixNames("r.", columnNames(st.Columns)) + ", q." + deletedAt +
+		" FROM " + cfg.Names.Queue.Sanitize() + " q CROSS JOIN LATERAL jsonb_populate_record(NULL::" + st.Name.Sanitize() +
+		", q." + ident.Quote(triggers.ColRow) + ") r WHERE " + filter + "q." + deletedAt +
+		" IS NOT NULL ORDER BY " + keys + ", q." + deletedAt + " DESC) TO STDOUT (FORMAT binary)"
+}
+
+// createDeletionStage creates the staging table deletionsSQL's rows go to
+// and returns its name.
+func createDeletionStage(ctx context.Context, tx pgx.Tx, st *sourceTable) (string, error) {
 	stageDel := ident.Quote("mimeo_stage_deleted")
-	if _, err := tx.Exec(ctx, "CREATE TEMP TABLE "+stageDel+" ("+columnDefs(unconstrained(st.Columns))+", "+deletedAt+" timestamptz) ON COMMIT DROP"); err != nil {
+	if _, err := tx.Exec(ctx, "CREATE TEMP TABLE "+stageDel+" ("+columnDefs(unconstrained(st.Columns))+", "+
+		ident.Quote(triggers.ColDeletedAt)+" timestamptz) ON COMMIT DROP"); err != nil {
 		return "", fmt.Errorf("create staging table: %w", err)
 	}
-	if _, err := copyRows(ctx, src,
-		"COPY (SELECT DISTINCT ON ("+keys+") "+prefixNames("r.", columnNames(st.Columns))+", q."+deletedAt+
-			" FROM "+cfg.Names.Queue.Sanitize()+" q CROSS JOIN LATERAL jsonb_populate_record(NULL::"+st.Name.Sanitize()+
-			", q."+ident.Quote(triggers.ColRow)+") r WHERE "+filter+"q."+deletedAt+
-			" IS NOT NULL ORDER BY "+keys+", q."+deletedAt+" DESC) TO STDOUT (FORMAT binary)",
-		tx.Conn().PgConn(), "COPY "+stageDel+" ("+cols+", "+deletedAt+") FROM STDIN (FORMAT binary, FREEZE)"); err != nil {
+	return stageDel, nil
+}
+
+// copyDeletionsIn is the COPY that loads deletionsSQL's rows into stageDel.
+func copyDeletionsIn(st *sourceTable, stageDel string) string {
+	return "COPY " + stageDel + " (" + columnList(st.Columns) + ", " + ident.Quote(triggers.ColDeletedAt) + ") FROM STDIN (FORMAT binary, FREEZE)"
+}
+
+// stageDeletions copies the last deletion of each key in the source queue
+// (see deletionsSQL) into a staging table and returns its name.
+func stageDeletions(ctx context.Context, tx pgx.Tx, src *pgconn.PgConn, cfg *queueConfig, st *sourceTable, filter string) (string, error) {
+	stageDel, err := createDeletionStage(ctx, tx, st)
+	if err != nil {
+		return "", err
+	}
+	if _, err := copyRows(ctx, src, deletionsSQL(cfg, st, filter), tx.Conn().PgConn(), copyDeletionsIn(st, stageDel)); err != nil {
 		return "", fmt.Errorf("copy deleted rows: %w", err)
 	}
 	return stageDel, nil
