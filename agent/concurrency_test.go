@@ -247,3 +247,71 @@ FROM mimeo.request r WHERE r.action = 'refresh_snap'`).Scan(&overlap, &done, &ag
 		e.requireSame(tbl, tbl)
 	}
 }
+
+// An agent killed (SIGKILL) again and again while it drains a dml or
+// logdel queue, the source reading a batch ahead of the destination, loses
+// and doubles nothing: the next agent finishes the request, the copy is
+// exact and the queue empty.
+func TestAgentKilledMidDrain(t *testing.T) {
+	t.Parallel()
+	for _, typ := range []string{"dml", "logdel"} {
+		t.Run(typ, func(t *testing.T) {
+			t.Parallel()
+			e := setup(t)
+			e.exec(e.app, `CREATE TABLE public.t (id int PRIMARY KEY, v int)`)
+			e.exec(e.app, `INSERT INTO public.t SELECT g, g FROM generate_series(1, 400) g`)
+			e.prepareTriggers("public.t")
+			cmd := e.startAgentProcess()
+			e.done(`SELECT mimeo.`+typ+`_maker('public.t', $1)`, e.dblink)
+			e.exec(e.app, `UPDATE t SET v = -v`)
+			e.exec(e.app, `DELETE FROM t WHERE id % 7 = 0`)
+			e.exec(e.app, `INSERT INTO t SELECT g, -g FROM generate_series(401, 500) g`)
+			// Small batches, each slowed on the source, so that kills land
+			// between and inside them.
+			e.exec(e.dst, `UPDATE mimeo.refresh_config_`+typ+` SET batch_limit = 20, condition = $$pg_sleep(0.0002)::text = ''$$`)
+			live := "public.t"
+			if typ == "logdel" {
+				live = "(SELECT id, v FROM public.t WHERE mimeo_source_deleted IS NULL)"
+			}
+			applied := func() int {
+				var n int
+				require.NoError(t, e.dst.QueryRow(e.ctx, `SELECT count(*) FROM `+live+` t WHERE v < 0`).Scan(&n))
+				return n
+			}
+			id := e.request(`SELECT mimeo.refresh_` + typ + `('public.t')`)
+			// Two kills: the third attempt (a request gets three) finishes.
+			for kill, progress := range []int{60, 200} {
+				require.Eventually(t, func() bool { return applied() >= progress }, 60*time.Second, 2*time.Millisecond, "kill %d", kill+1)
+				require.NoError(t, cmd.Process.Signal(syscall.SIGKILL))
+				_ = cmd.Wait()
+				if kill == 0 {
+					cmd = e.startAgentProcess()
+				}
+			}
+			require.Less(t, applied(), 443, "killed before the end")
+
+			e.exec(e.dst, `UPDATE mimeo.refresh_config_`+typ+` SET condition = NULL`)
+			e.startAgent(e.config())
+			o := e.await(id)
+			require.Equal(t, "done", o.Status, "error: %v", deref(o.Error))
+			require.Equal(t, checksum(t, e.ctx, e.src, "public.t"), checksum(t, e.ctx, e.dst, live))
+			if typ == "logdel" {
+				var deleted int
+				require.NoError(t, e.dst.QueryRow(e.ctx, `SELECT count(*) FROM public.t WHERE mimeo_source_deleted IS NOT NULL`).Scan(&deleted))
+				require.Equal(t, 57, deleted, "every deleted row is kept, once")
+			}
+			var queued int
+			q := e.queueOf(typ)
+			require.NoError(t, e.src.QueryRow(e.ctx, `SELECT count(*) FROM `+q).Scan(&queued))
+			require.Zero(t, queued, "queue drained")
+		})
+	}
+}
+
+// queueOf is the source queue of the table public.t replicated by typ.
+func (e *env) queueOf(typ string) string {
+	e.t.Helper()
+	var q string
+	require.NoError(e.t, e.dst.QueryRow(e.ctx, `SELECT queue_table FROM mimeo.refresh_config_`+typ+` WHERE dest_table = 'public.t'`).Scan(&q))
+	return q
+}
