@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"io"
-	"math/rand/v2"
 	"slices"
 	"strconv"
 	"strings"
@@ -110,54 +109,6 @@ func recordColumns(ctx context.Context, tx pgx.Tx, typ, dest string, st *sourceT
 	return nil
 }
 
-// newToken is a fresh batch token (never 0, which means none).
-func newToken() int64 { return rand.Int64N(1<<62) + 1 }
-
-// removeBatch deletes the queue entries of a batch the destination has
-// committed.
-func removeBatch(ctx context.Context, src *pgxpool.Conn, cfg *queueConfig, token int64) error {
-	if err := execSourceArgs(ctx, src, "DELETE FROM "+cfg.Names.Queue.Sanitize()+" WHERE "+ident.Quote(triggers.ColClaimed)+" = $1", token); err != nil {
-		return fmt.Errorf("remove applied queue entries: %w", err)
-	}
-	return nil
-}
-
-// claimBatch gives up to limit unclaimed queue entries the batch's token,
-// unless entries claimed by an earlier, interrupted run are left (those go
-// first, under the new token), and returns how many it claimed.
-// leftovers asks to look for them (once per run: a run leaves none).
-func claimBatch(ctx context.Context, src *pgxpool.Conn, cfg *queueConfig, limit int, token int64, leftovers bool) (int64, error) {
-	q := cfg.Names.Queue.Sanitize()
-	claimed := ident.Quote(triggers.ColClaimed)
-	tx, err := beginWrite(ctx, src)
-	if err != nil {
-		return 0, err
-	}
-	defer func() { _ = tx.Rollback(context.WithoutCancel(ctx)) }()
-	// TRUNCATE markers are applied by pruneVanished, never in a batch.
-	change := ident.Quote(triggers.ColTruncated) + " IS NULL"
-	var n int64
-	if leftovers {
-		tag, err := tx.Exec(ctx, "UPDATE "+q+" SET "+claimed+" = $1 WHERE "+claimed+" IS NOT NULL AND "+change, token)
-		if err != nil {
-			return 0, err
-		}
-		n = tag.RowsAffected()
-	}
-	if n == 0 {
-		// The queue has no key of its own: entries are claimed by row
-		// address, in no particular order (the source's current rows are
-		// what gets applied, whatever the order).
-		tag, err := tx.Exec(ctx, "UPDATE "+q+" SET "+claimed+" = $1 WHERE ctid = ANY(ARRAY(SELECT ctid FROM "+q+
-			" WHERE "+claimed+" IS NULL AND "+change+" LIMIT $2))", token, limit)
-		if err != nil {
-			return 0, err
-		}
-		n = tag.RowsAffected()
-	}
-	return n, tx.Commit(ctx)
-}
-
 // sqlKeyedJoins makes the keyed deletes of a batch use the destination's
 // key index: with the default costs (and staging tables never analyzed)
 // the planner likes to hash the staged keys and scan the whole table
@@ -167,25 +118,21 @@ const sqlKeyedJoins = `SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejo
 // sqlAnyJoins undoes sqlKeyedJoins for what follows in the transaction.
 const sqlAnyJoins = `SET LOCAL enable_hashjoin = on; SET LOCAL enable_mergejoin = on`
 
-// existsColumn marks, in the staging table, a claimed key the source has,
+// existsColumn marks, in the staging table, a key of the batch the source has,
 // whether inside the condition or not: a logdel key the source lost without
 // a deletion queued (TRUNCATE) is left for pruneVanished to mark.
 const existsColumn = "mimeo_exists"
 
-// presentColumn marks, in the staging table, a claimed key whose row the
+// presentColumn marks, in the staging table, a key of the batch whose row the
 // source still has (the other columns are NULL when it does not).
 const presentColumn = "mimeo_present"
 
-// claimedBy is the condition on queue entries claimed under token.
-func claimedBy(token int64) string {
-	return ident.Quote(triggers.ColClaimed) + " = " + strconv.FormatInt(token, 10)
-}
-
-// queuedRowsSQL is the COPY that brings each key claimed under token with
-// the source's current row for it, if any, so the queue is read once per
-// batch: key columns from the queue (cast back from its wider types), the
-// others from the source row, then presentColumn and existsColumn.
-func queuedRowsSQL(cfg *queueConfig, st *sourceTable, token int64) string {
+// queuedRowsSQL is the COPY that brings each key of the queue entries that
+// pass entries (a condition) with the source's current row for it, if any,
+// so the queue is read once per batch: key columns from the queue (cast
+// back from its wider types), the others from the source row, then
+// presentColumn and existsColumn.
+func queuedRowsSQL(cfg *queueConfig, st *sourceTable, entries string) string {
 	var picks []string
 	for _, c := range st.Columns {
 		if slices.Contains(cfg.PkField, c.Name) {
@@ -202,11 +149,11 @@ func queuedRowsSQL(cfg *queueConfig, st *sourceTable, token int64) string {
 		inCondition = "t.mimeo_in_condition IS TRUE"
 	}
 	return "COPY (SELECT " + strings.Join(picks, ", ") + ", " + inCondition + ", t." + ident.Quote(cfg.PkField[0]) + " IS NOT NULL" +
-		" FROM (SELECT DISTINCT " + quoteNames(cfg.PkField) + " FROM " + cfg.Names.Queue.Sanitize() + " WHERE " + claimedBy(token) + ") k" +
+		" FROM (SELECT DISTINCT " + quoteNames(cfg.PkField) + " FROM " + cfg.Names.Queue.Sanitize() + " WHERE " + entries + ") k" +
 		" LEFT JOIN " + rows + " t ON " + keyMatch(cfg.PkField, "t", "k") + ") TO STDOUT (FORMAT binary)"
 }
 
-// applyQueued applies a claimed batch inside the destination's tx: delete
+// applyQueued applies a batch inside the destination's tx: delete
 // its keys and insert the source's current rows for them (logdel: and the
 // last values of rows deleted on the source, marked deleted). rows is the
 // output of queuedRowsSQL, deleted (logdel) that of deletionsSQL.
