@@ -2,6 +2,7 @@ package agent_test
 
 import (
 	"fmt"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -171,6 +172,49 @@ func TestDMLBatchRefusedWhileTheNextIsRead(t *testing.T) {
 	e.requireSame("public.t", "public.t")
 	require.NoError(t, e.src.QueryRow(e.ctx, `SELECT count(*) FROM mimeo.`+queueName(t, e)).Scan(&queued))
 	require.Zero(t, queued, "queue drained")
+}
+
+// Batches are read in row address order. Entries written during a run
+// into space freed before the place it has read up to are still applied by
+// that run: it looks again from the start before it ends.
+func TestDMLRunAppliesEntriesWrittenBehindIt(t *testing.T) {
+	t.Parallel()
+	e := setup(t)
+	e.exec(e.app, `CREATE TABLE public.t (id int PRIMARY KEY, v int)`)
+	e.exec(e.app, `INSERT INTO public.t SELECT g, g FROM generate_series(1, 3000) g`)
+	e.prepareTriggers("public.t")
+	var q string // the queue, once made
+	var once sync.Once
+	cfg := e.config()
+	cfg.FaultHook = func(point string) error {
+		if point != "after destination commit" {
+			return nil
+		}
+		once.Do(func() {
+			// The entries of the first run's batches are dead: a VACUUM
+			// frees their pages, and new entries land there.
+			e.exec(e.src, `VACUUM `+q)
+			e.exec(e.app, `UPDATE t SET v = 0 WHERE id <= 200`)
+		})
+		return nil
+	}
+	stopPlain := e.startAgent(e.config())
+	e.done(`SELECT mimeo.dml_maker('public.t', $1)`, e.dblink)
+	q = "mimeo." + queueName(t, e)
+	e.exec(e.dst, `ALTER TABLE public.t ADD CONSTRAINT small CHECK (v < 100000)`)
+	e.exec(e.app, `UPDATE t SET v = -v WHERE id <= 1000`)
+	e.exec(e.app, `UPDATE t SET v = 100000 WHERE id = 1001`)
+	e.exec(e.app, `UPDATE t SET v = -v WHERE id > 1001`)
+	require.Contains(t, e.failed(`SELECT mimeo.refresh_dml('public.t', p_limit => 500)`), "small")
+	e.exec(e.dst, `ALTER TABLE public.t DROP CONSTRAINT small`)
+	e.exec(e.app, `UPDATE t SET v = 1 WHERE id = 1001`)
+	stopPlain()
+	e.startAgent(cfg)
+	e.done(`SELECT mimeo.refresh_dml('public.t', p_limit => 500)`)
+	var queued int
+	require.NoError(t, e.src.QueryRow(e.ctx, `SELECT count(*) FROM `+q).Scan(&queued))
+	require.Zero(t, queued, "the entries written behind the run were applied by it")
+	e.requireSame("public.t", "public.t")
 }
 
 func queueName(t *testing.T, e *env) string {
