@@ -15,12 +15,12 @@ import (
 )
 
 // dml and logdel replay changes queued on the source by triggers (see
-// package triggers). A source transaction reads a batch of entries, the
-// destination deletes their keys and inserts the source's current rows in
-// one transaction, and only then does the source transaction delete the
-// entries it read and commit. A crash in between rolls it back and leaves
-// them: the next run applies them again from the source's current state,
-// which is idempotent (see replayBatches).
+// package triggers). A short source transaction reads a batch of entries,
+// the destination deletes their keys and inserts the source's current rows
+// in one transaction, and only then are the entries read deleted from the
+// queue. A crash in between leaves them: the next run applies them again
+// from the source's current state, which is idempotent (see
+// replayBatches).
 
 // deletedColumn marks, in a logdel destination, when a row was deleted on
 // the source (NULL for live rows).

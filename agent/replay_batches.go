@@ -3,9 +3,9 @@ package agent
 import (
 	"context"
 	"fmt"
-	"regexp"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgtype"
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/mimeo-dev/mimeo/internal/ident"
@@ -13,14 +13,13 @@ import (
 )
 
 // queuedBatch is a batch of queue entries in flight: those with a row
-// address in (from, to], as a source transaction saw them; the same
-// transaction removes them once the destination committed the batch.
+// address in (from, to], as one source snapshot saw them.
 type queuedBatch struct {
-	tx       pgx.Tx
-	from, to string // tid literals
-	entries  int64
-	rows     *spool // each key of the batch with its current row, if any
-	deleted  *spool // logdel: the last deletion queued for each key
+	from, to string       // tid literals
+	tids     []pgtype.TID // the entries read, removed once the batch committed
+	filenode uint32       // the queue's file when they were read
+	rows     *spool       // each key of the batch with its current row, if any
+	deleted  *spool       // logdel: the last deletion queued for each key
 }
 
 // closeRead lets the producer of the batch's spools stop.
@@ -33,29 +32,22 @@ func (b *queuedBatch) closeRead() {
 
 // replayBatches replays the queue until it is empty, and returns how many
 // batches it applied. The source reads batch n+1 while the destination
-// applies batch n. A producer reads each batch in a source transaction of
-// its own (repeatable read, on two connections in turn): the next entries
-// in row address order, and for their keys the source's current rows,
-// spooled. The destination applies each batch in its own transaction, in
-// order; only then does the batch's source transaction delete exactly the
-// entries it read, and commit. The queue needs no claim written to it. A
-// crash in between rolls the source transaction back: the entries stay
-// for the next run, which applies them again from the source's current
-// rows, which is idempotent.
+// applies batch n. A producer on the source connection reads each batch
+// in a short repeatable-read transaction: the next entries in row address
+// order, and for their keys the source's current rows, spooled (to disk
+// past spoolMemory, so the source never waits for the destination). The
+// destination applies each batch in its own transaction, in order; only
+// then are exactly the entries read removed from the queue (an entry
+// written since is not among them). The queue needs no claim written to
+// it. A crash in between leaves the entries queued: the next run applies
+// them again from the source's current rows, which is idempotent.
 func (a *Agent) replayBatches(ctx context.Context, r *run, src *pgxpool.Conn, cfg *queueConfig, st *sourceTable, limit int) (int, error) {
-	second, _, err := a.sources.acquire(ctx, r.dst, cfg.Dblink)
-	if err != nil {
-		return 0, err
-	}
-	defer second.Release()
 	pctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	batches := make(chan *queuedBatch, 1)
 	committed := make(chan struct{}, 2)
 	produced := make(chan error, 1)
-	go func() {
-		produced <- produceQueued(pctx, [2]*pgxpool.Conn{src, second}, cfg, st, limit, batches, committed)
-	}()
+	go func() { produced <- produceQueued(pctx, src, cfg, st, limit, batches, committed) }()
 
 	var total int64
 	n := 0
@@ -80,7 +72,7 @@ func (a *Agent) replayBatches(ctx context.Context, r *run, src *pgxpool.Conn, cf
 		total += rows
 		n++
 		if r.debug {
-			r.note(ctx, "Batch", fmt.Sprintf("batch %d: %d queued changes, %d rows", n, b.entries, rows), false)
+			r.note(ctx, "Batch", fmt.Sprintf("batch %d: %d queued changes, %d rows", n, len(b.tids), rows), false)
 		}
 	}
 	if err := <-produced; err != nil {
@@ -92,9 +84,6 @@ func (a *Agent) replayBatches(ctx context.Context, r *run, src *pgxpool.Conn, cf
 // tidStart is the row address before every other.
 const tidStart = "(0,0)"
 
-// tidLiteral matches a row address as tidout writes it.
-var tidLiteral = regexp.MustCompile(`^\(\d+,\d+\)$`)
-
 // entriesIn is the condition on queue entries (aliased alias, or "") of a
 // batch: row address in (from, to], not a TRUNCATE marker (those are
 // pruneVanished's).
@@ -103,20 +92,18 @@ func entriesIn(alias, from, to string) string {
 		alias + ident.Quote(triggers.ColTruncated) + " IS NULL"
 }
 
+// tidText is a row address as a tid literal.
+func tidText(t pgtype.TID) string { return fmt.Sprintf("(%d,%d)", t.BlockNumber, t.OffsetNumber) }
+
 // produceQueued is replayBatches' source side; it closes batches when the
 // queue is empty (or on failure), and returns once every batch it sent
-// has been removed from the queue or rolled back.
-func produceQueued(ctx context.Context, conns [2]*pgxpool.Conn, cfg *queueConfig, st *sourceTable, limit int,
+// has been removed from the queue, or left there.
+func produceQueued(ctx context.Context, src *pgxpool.Conn, cfg *queueConfig, st *sourceTable, limit int,
 	batches chan<- *queuedBatch, committed <-chan struct{}) error {
 	defer close(batches)
 	q := cfg.Names.Queue.Sanitize()
 	// open: the batch sent and not yet removed.
 	var open *queuedBatch
-	defer func() {
-		if open != nil {
-			_ = open.tx.Rollback(context.WithoutCancel(ctx))
-		}
-	}()
 	removeOpen := func() error {
 		if open == nil {
 			return nil
@@ -126,30 +113,17 @@ func produceQueued(ctx context.Context, conns [2]*pgxpool.Conn, cfg *queueConfig
 		case <-ctx.Done():
 			return ctx.Err()
 		}
-		if _, err := open.tx.Exec(ctx, "DELETE FROM "+q+" WHERE "+entriesIn("", open.from, open.to)); err != nil {
-			return fmt.Errorf("remove applied queue entries: %w", err)
-		}
-		if err := open.tx.Commit(ctx); err != nil {
-			return fmt.Errorf("remove applied queue entries: %w", err)
-		}
+		b := open
 		open = nil
-		return nil
+		return removeEntries(ctx, src, q, b)
 	}
 	from := tidStart
-	for i := 0; ; i++ {
-		tx, err := conns[i%2].BeginTx(ctx, pgx.TxOptions{IsoLevel: pgx.RepeatableRead, AccessMode: pgx.ReadWrite})
+	for {
+		b, err := readBatch(ctx, src, cfg, st, from, limit, batches)
 		if err != nil {
-			return fmt.Errorf("read queued changes: %w", err)
+			return err
 		}
-		b := &queuedBatch{tx: tx, from: from}
-		var to *string
-		if err := tx.QueryRow(ctx, "SELECT count(*), max(ctid)::text FROM (SELECT ctid FROM "+q+" WHERE ctid > $1::tid AND "+
-			ident.Quote(triggers.ColTruncated)+" IS NULL LIMIT $2) e", from, limit).Scan(&b.entries, &to); err != nil {
-			_ = tx.Rollback(context.WithoutCancel(ctx))
-			return fmt.Errorf("read queued changes: %w", err)
-		}
-		if b.entries == 0 {
-			_ = tx.Rollback(context.WithoutCancel(ctx))
+		if b == nil {
 			if err := removeOpen(); err != nil {
 				return err
 			}
@@ -161,37 +135,100 @@ func produceQueued(ctx context.Context, conns [2]*pgxpool.Conn, cfg *queueConfig
 			from = tidStart
 			continue
 		}
-		if !tidLiteral.MatchString(*to) {
-			_ = tx.Rollback(context.WithoutCancel(ctx))
-			return fmt.Errorf("read queued changes: unexpected row address %q", *to)
-		}
-		b.to = *to
-		b.rows = newSpool()
-		if cfg.Type != "dml" {
-			b.deleted = newSpool()
-		}
-		select {
-		case batches <- b:
-		case <-ctx.Done():
-			_ = tx.Rollback(context.WithoutCancel(ctx))
-			return ctx.Err()
-		}
-		pg := tx.Conn().PgConn()
-		err = spoolCopy(ctx, pg, queuedRowsSQL(cfg, st, entriesIn("", b.from, b.to)), b.rows)
-		if err == nil && b.deleted != nil {
-			err = spoolCopy(ctx, pg, deletionsSQL(cfg, st, entriesIn("q.", b.from, b.to)+" AND "), b.deleted)
-		} else if b.deleted != nil {
-			b.deleted.closeWrite(err)
-		}
-		if err != nil {
-			_ = tx.Rollback(context.WithoutCancel(ctx))
-			return err
-		}
 		// The batch before this one goes from the queue once committed.
 		if err := removeOpen(); err != nil {
-			_ = tx.Rollback(context.WithoutCancel(ctx))
 			return err
 		}
 		open, from = b, b.to
 	}
+}
+
+// readBatch reads the next batch after from in one repeatable-read source
+// transaction, hands it to batches and spools its rows; nil when no entry
+// is left after from.
+func readBatch(ctx context.Context, src *pgxpool.Conn, cfg *queueConfig, st *sourceTable, from string, limit int,
+	batches chan<- *queuedBatch) (*queuedBatch, error) {
+	q := cfg.Names.Queue.Sanitize()
+	tx, err := src.BeginTx(ctx, pgx.TxOptions{IsoLevel: pgx.RepeatableRead, AccessMode: pgx.ReadOnly})
+	if err != nil {
+		return nil, fmt.Errorf("read queued changes: %w", err)
+	}
+	defer func() { _ = tx.Rollback(context.WithoutCancel(ctx)) }()
+	b := &queuedBatch{from: from}
+	if err := tx.QueryRow(ctx, `SELECT pg_relation_filenode($1::regclass)::oid`, q).Scan(&b.filenode); err != nil {
+		return nil, fmt.Errorf("read queued changes: %w", err)
+	}
+	rows, err := tx.Query(ctx, "SELECT ctid FROM "+q+" WHERE ctid > $1::tid AND "+ident.Quote(triggers.ColTruncated)+" IS NULL LIMIT $2", from, limit)
+	if err != nil {
+		return nil, fmt.Errorf("read queued changes: %w", err)
+	}
+	if b.tids, err = pgx.CollectRows(rows, pgx.RowTo[pgtype.TID]); err != nil {
+		return nil, fmt.Errorf("read queued changes: %w", err)
+	}
+	if len(b.tids) == 0 {
+		return nil, nil
+	}
+	last := b.tids[0]
+	for _, t := range b.tids[1:] {
+		if t.BlockNumber > last.BlockNumber || (t.BlockNumber == last.BlockNumber && t.OffsetNumber > last.OffsetNumber) {
+			last = t
+		}
+	}
+	b.to = tidText(last)
+	b.rows = newSpool()
+	if cfg.Type != "dml" {
+		b.deleted = newSpool()
+	}
+	select {
+	case batches <- b:
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+	// In the same snapshot, the entries in (from, to] are exactly b.tids.
+	pg := tx.Conn().PgConn()
+	err = spoolCopy(ctx, pg, queuedRowsSQL(cfg, st, entriesIn("", b.from, b.to)), b.rows)
+	if b.deleted != nil {
+		if err == nil {
+			err = spoolCopy(ctx, pg, deletionsSQL(cfg, st, entriesIn("q.", b.from, b.to)+" AND "), b.deleted)
+		} else {
+			b.deleted.closeWrite(err)
+		}
+	}
+	if err != nil {
+		return nil, err
+	}
+	if err := tx.Commit(ctx); err != nil {
+		return nil, fmt.Errorf("read queued changes: %w", err)
+	}
+	return b, nil
+}
+
+// removeEntries deletes a committed batch's entries from the queue by row
+// address. The queue's file must be the one they were read from: a VACUUM
+// FULL, CLUSTER or TRUNCATE of the queue since may have put other entries
+// at those addresses, and then the entries stay, to be applied again.
+func removeEntries(ctx context.Context, src *pgxpool.Conn, q string, b *queuedBatch) error {
+	tx, err := beginWrite(ctx, src)
+	if err != nil {
+		return fmt.Errorf("remove applied queue entries: %w", err)
+	}
+	defer func() { _ = tx.Rollback(context.WithoutCancel(ctx)) }()
+	// The lock keeps the queue's file from changing until the commit.
+	var same bool
+	if _, err := tx.Exec(ctx, "LOCK TABLE "+q+" IN ROW EXCLUSIVE MODE"); err != nil {
+		return fmt.Errorf("remove applied queue entries: %w", err)
+	}
+	if err := tx.QueryRow(ctx, `SELECT pg_relation_filenode($1::regclass)::oid = $2`, q, b.filenode).Scan(&same); err != nil {
+		return fmt.Errorf("remove applied queue entries: %w", err)
+	}
+	if !same {
+		return nil
+	}
+	if _, err := tx.Exec(ctx, "DELETE FROM "+q+" WHERE ctid = ANY($1::tid[])", b.tids); err != nil {
+		return fmt.Errorf("remove applied queue entries: %w", err)
+	}
+	if err := tx.Commit(ctx); err != nil {
+		return fmt.Errorf("remove applied queue entries: %w", err)
+	}
+	return nil
 }
