@@ -22,14 +22,7 @@ func copyRows(ctx context.Context, src *pgconn.PgConn, srcSQL string, dst *pgcon
 	pr, pw := io.Pipe()
 	srcDone := make(chan error, 1)
 	go func() {
-		bw := bufio.NewWriterSize(pw, copyBufferSize)
-		_, err := src.CopyTo(ctx, bw, srcSQL)
-		if err == nil {
-			err = bw.Flush()
-		}
-		if err != nil {
-			err = fmt.Errorf("read from source: %w", err)
-		}
+		err := copyOut(ctx, src, srcSQL, pw)
 		pw.CloseWithError(err) // nil means EOF for the reader
 		srcDone <- err
 	}()
@@ -46,4 +39,18 @@ func copyRows(ctx context.Context, src *pgconn.PgConn, srcSQL string, dst *pgcon
 		return 0, srcErr
 	}
 	return tag.RowsAffected(), nil
+}
+
+// copyOut runs a COPY ... TO STDOUT on src into w, in writes of
+// copyBufferSize (not one per row).
+func copyOut(ctx context.Context, src *pgconn.PgConn, sql string, w io.Writer) error {
+	bw := bufio.NewWriterSize(w, copyBufferSize)
+	_, err := src.CopyTo(ctx, bw, sql)
+	if err == nil {
+		err = bw.Flush()
+	}
+	if err != nil {
+		return fmt.Errorf("read from source: %w", err)
+	}
+	return nil
 }

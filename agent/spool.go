@@ -1,7 +1,6 @@
 package agent
 
 import (
-	"bufio"
 	"context"
 	"errors"
 	"fmt"
@@ -175,14 +174,7 @@ func (s *spool) release() {
 // spoolCopy runs a COPY ... TO STDOUT on src into s, then closes s for
 // writing with the outcome.
 func spoolCopy(ctx context.Context, src *pgconn.PgConn, sql string, s *spool) error {
-	bw := bufio.NewWriterSize(s, copyBufferSize)
-	_, err := src.CopyTo(ctx, bw, sql)
-	if err == nil {
-		err = bw.Flush()
-	}
-	if err != nil {
-		err = fmt.Errorf("read from source: %w", err)
-	}
+	err := copyOut(ctx, src, sql, s)
 	s.closeWrite(err)
 	return err
 }
