@@ -15,30 +15,44 @@ import (
 const copyBufferSize = 256 << 10
 
 // copyRows streams a COPY ... TO STDOUT on src into a COPY ... FROM STDIN on
-// dst through a pipe: nothing is held in memory beyond one buffer. When
-// either side fails the other is aborted; a source connection aborted
-// mid-COPY is closed by pgconn and dropped by its pool.
+// dst through a pipe (see pipeRows).
 func copyRows(ctx context.Context, src *pgconn.PgConn, srcSQL string, dst *pgconn.PgConn, dstSQL string) (int64, error) {
+	var n int64
+	err := pipeRows(ctx, src, srcSQL, func(in io.Reader) error {
+		tag, err := dst.CopyFrom(ctx, in, dstSQL)
+		if err != nil {
+			return fmt.Errorf("write to destination: %w", err)
+		}
+		n = tag.RowsAffected()
+		return nil
+	})
+	return n, err
+}
+
+// pipeRows runs a COPY ... TO STDOUT on src into a pipe that use reads at
+// the same time: nothing is held in memory beyond one buffer. When either
+// side fails the other is aborted, and the source's own failure is the one
+// returned; a source connection aborted mid-COPY is closed by pgconn and
+// dropped by its pool.
+func pipeRows(ctx context.Context, src *pgconn.PgConn, sql string, use func(io.Reader) error) error {
 	pr, pw := io.Pipe()
 	srcDone := make(chan error, 1)
 	go func() {
-		err := copyOut(ctx, src, srcSQL, pw)
+		err := copyOut(ctx, src, sql, pw)
 		pw.CloseWithError(err) // nil means EOF for the reader
 		srcDone <- err
 	}()
-	tag, dstErr := dst.CopyFrom(ctx, pr, dstSQL)
+	useErr := use(pr)
 	// Unblock the source goroutine if the destination stopped reading.
 	pr.CloseWithError(io.ErrClosedPipe)
 	srcErr := <-srcDone
 	switch {
 	case srcErr != nil && !errors.Is(srcErr, io.ErrClosedPipe):
-		return 0, srcErr // the destination only failed because the source did
-	case dstErr != nil:
-		return 0, fmt.Errorf("write to destination: %w", dstErr)
-	case srcErr != nil:
-		return 0, srcErr
+		return srcErr // the destination only failed because the source did
+	case useErr != nil:
+		return useErr
 	}
-	return tag.RowsAffected(), nil
+	return srcErr
 }
 
 // copyOut runs a COPY ... TO STDOUT on src into w, in writes of

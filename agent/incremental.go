@@ -509,7 +509,8 @@ func (a *Agent) repullRange(ctx context.Context, r *run, src *pgxpool.Conn, cfg 
 			return fmt.Errorf("repull %s: delete range: %w", r.dest, err)
 		}
 		var rows int64
-		err := throughSpool(ctx, src.Conn().PgConn(), rowsSQL(st, window(cfg.Kind, cfg.Control, lower, upper, op, cfg.Condition)), func(in io.Reader) error {
+		// A range may be most of the table: piped, not spooled.
+		err := pipeRows(ctx, src.Conn().PgConn(), rowsSQL(st, window(cfg.Kind, cfg.Control, lower, upper, op, cfg.Condition)), func(in io.Reader) error {
 			var err error
 			rows, err = applyRows(ctx, tx, cfg, st, r.dest, in)
 			return err

@@ -208,26 +208,29 @@ func readBatch(ctx context.Context, src *pgxpool.Conn, cfg *queueConfig, st *sou
 // FULL, CLUSTER or TRUNCATE of the queue since may have put other entries
 // at those addresses, and then the entries stay, to be applied again.
 func removeEntries(ctx context.Context, src *pgxpool.Conn, q string, b *queuedBatch) error {
-	tx, err := beginWrite(ctx, src)
+	err := func() error {
+		tx, err := beginWrite(ctx, src)
+		if err != nil {
+			return err
+		}
+		defer func() { _ = tx.Rollback(context.WithoutCancel(ctx)) }()
+		// The lock keeps the queue's file from changing until the commit.
+		if _, err := tx.Exec(ctx, "LOCK TABLE "+q+" IN ROW EXCLUSIVE MODE"); err != nil {
+			return err
+		}
+		var same bool
+		if err := tx.QueryRow(ctx, `SELECT pg_relation_filenode($1::regclass)::oid = $2`, q, b.filenode).Scan(&same); err != nil {
+			return err
+		}
+		if !same {
+			return nil
+		}
+		if _, err := tx.Exec(ctx, "DELETE FROM "+q+" WHERE ctid = ANY($1::tid[])", b.tids); err != nil {
+			return err
+		}
+		return tx.Commit(ctx)
+	}()
 	if err != nil {
-		return fmt.Errorf("remove applied queue entries: %w", err)
-	}
-	defer func() { _ = tx.Rollback(context.WithoutCancel(ctx)) }()
-	// The lock keeps the queue's file from changing until the commit.
-	var same bool
-	if _, err := tx.Exec(ctx, "LOCK TABLE "+q+" IN ROW EXCLUSIVE MODE"); err != nil {
-		return fmt.Errorf("remove applied queue entries: %w", err)
-	}
-	if err := tx.QueryRow(ctx, `SELECT pg_relation_filenode($1::regclass)::oid = $2`, q, b.filenode).Scan(&same); err != nil {
-		return fmt.Errorf("remove applied queue entries: %w", err)
-	}
-	if !same {
-		return nil
-	}
-	if _, err := tx.Exec(ctx, "DELETE FROM "+q+" WHERE ctid = ANY($1::tid[])", b.tids); err != nil {
-		return fmt.Errorf("remove applied queue entries: %w", err)
-	}
-	if err := tx.Commit(ctx); err != nil {
 		return fmt.Errorf("remove applied queue entries: %w", err)
 	}
 	return nil

@@ -179,21 +179,6 @@ func spoolCopy(ctx context.Context, src *pgconn.PgConn, sql string, s *spool) er
 	return err
 }
 
-// throughSpool runs the COPY sql on src into a spool that use reads from
-// at the same time; when both fail, the source's failure is the one that
-// counts.
-func throughSpool(ctx context.Context, src *pgconn.PgConn, sql string, use func(io.Reader) error) error {
-	s := newSpool()
-	done := make(chan error, 1)
-	go func() { done <- spoolCopy(ctx, src, sql, s) }()
-	err := use(s)
-	s.closeRead()
-	if serr := <-done; sourceFailed(serr) {
-		return serr
-	}
-	return err
-}
-
 // reader is a batch in flight whose spools can be closed for reading.
 type reader interface{ closeRead() }
 
