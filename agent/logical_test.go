@@ -360,6 +360,38 @@ func TestLogicalIdleSlotAdvances(t *testing.T) {
 	}
 }
 
+// An agent stopped right after a sync point leaves the slot acknowledged
+// up to what the destination applied: else the next walsender decodes
+// that WAL again, and the source keeps it meanwhile.
+func TestLogicalStoppedAgentLeavesTheSlotAcknowledged(t *testing.T) {
+	t.Parallel()
+	e := setupLogical(t)
+	e.exec(e.app, `CREATE TABLE public.t (id int PRIMARY KEY, v text)`)
+	stop := e.startAgent(e.config())
+	e.done(`SELECT mimeo.logical_maker('public.t', $1)`, e.dblink)
+	e.sync("public.t")
+	time.Sleep(1500 * time.Millisecond) // past the periodic acknowledgement
+	e.exec(e.app, `INSERT INTO public.t SELECT g, md5(g::text) FROM generate_series(1, 5000) g`)
+	e.sync("public.t")
+	stop()
+	var slot, applied string
+	require.NoError(t, e.dst.QueryRow(e.ctx, `SELECT slot_name, applied_lsn::text FROM mimeo.logical_source`).Scan(&slot, &applied))
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		var active, acked bool
+		require.NoError(t, e.src.QueryRow(e.ctx, `SELECT active, confirmed_flush_lsn >= $2::pg_lsn FROM pg_replication_slots WHERE slot_name = $1`,
+			slot, applied).Scan(&active, &acked))
+		if !active {
+			require.True(t, acked, "slot %s was left behind applied_lsn %s", slot, applied)
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the stopped agent's walsender is still active")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
 var agentBin struct {
 	once sync.Once
 	path string

@@ -13,6 +13,10 @@ import (
 // batchMax is the most messages handed to the applier at once.
 const batchMax = 256
 
+// ackGap is the least time between two acknowledgements sent because the
+// destination committed more.
+const ackGap = 20 * time.Millisecond
+
 // marker is a keepalive's position, passed on between transactions: when
 // the applier has applied everything before it, the slot may be
 // acknowledged up to it (the source wrote only other tables' changes).
@@ -25,19 +29,14 @@ type marker struct{ lsn pglogrepl.LSN }
 // (s.acked).
 func (s *stream) receive(ctx context.Context, out *handover) error {
 	var (
-		received   pglogrepl.LSN
 		inTxn      bool
 		nextStatus time.Time
+		sentAt     time.Time
 	)
 	status := func(reply bool) error {
-		acked := pglogrepl.LSN(s.acked.Load())
-		nextStatus = time.Now().Add(s.e.cfg.StatusInterval)
-		return pglogrepl.SendStandbyStatusUpdate(ctx, s.repl, pglogrepl.StandbyStatusUpdate{
-			WALWritePosition: max(received, acked),
-			WALFlushPosition: acked,
-			WALApplyPosition: acked,
-			ReplyRequested:   reply,
-		})
+		now := time.Now()
+		nextStatus, sentAt = now.Add(s.e.cfg.StatusInterval), now
+		return s.sendStatus(ctx, reply)
 	}
 	// Messages go to the applier in batches (a hand-over per message
 	// costs more than decoding it): a batch is handed over when full, at a
@@ -74,7 +73,12 @@ func (s *stream) receive(ctx context.Context, out *handover) error {
 	var wake time.Time
 	defer func() { _ = conn.SetReadDeadline(time.Time{}) }()
 	for {
-		if reply := s.replyQ.Swap(false); reply || time.Now().After(nextStatus) {
+		// Acknowledged when due, when the walsender asks, and soon after
+		// the destination committed more: the slot's restart point then
+		// follows (a restarted walsender decodes less again), and the
+		// source may recycle that WAL.
+		if reply := s.replyQ.Swap(false); reply || time.Now().After(nextStatus) ||
+			(pglogrepl.LSN(s.acked.Load()) > s.sentAck && time.Since(sentAt) >= ackGap) {
 			if err := status(reply); err != nil {
 				return fmt.Errorf("acknowledge slot: %w", err)
 			}
@@ -124,7 +128,7 @@ func (s *stream) receive(ctx context.Context, out *handover) error {
 			// applier may have let an earlier one go unstored; one at the
 			// same place still says the stream is current).
 			if !inTxn && k.ServerWALEnd >= pglogrepl.LSN(s.acked.Load()) {
-				received = max(received, k.ServerWALEnd)
+				s.received = max(s.received, k.ServerWALEnd)
 				if err := send(marker{lsn: k.ServerWALEnd}, true); err != nil {
 					return err
 				}
@@ -147,11 +151,27 @@ func (s *stream) receive(ctx context.Context, out *handover) error {
 				inTxn = true
 			case *pglogrepl.CommitMessage:
 				inTxn, commit = false, true
-				received = max(received, m.TransactionEndLSN)
+				s.received = max(s.received, m.TransactionEndLSN)
 			}
 			if err := send(msg, commit); err != nil {
 				return err
 			}
 		}
 	}
+}
+
+// sendStatus acknowledges the slot up to what the destination has
+// committed (s.acked); write is what has been received.
+func (s *stream) sendStatus(ctx context.Context, reply bool) error {
+	acked := pglogrepl.LSN(s.acked.Load())
+	err := pglogrepl.SendStandbyStatusUpdate(ctx, s.repl, pglogrepl.StandbyStatusUpdate{
+		WALWritePosition: max(s.received, acked),
+		WALFlushPosition: acked,
+		WALApplyPosition: acked,
+		ReplyRequested:   reply,
+	})
+	if err == nil {
+		s.sentAck = acked
+	}
+	return err
 }

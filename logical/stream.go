@@ -28,6 +28,10 @@ type stream struct {
 	start  pglogrepl.LSN // applied_lsn when the stream started
 	acked  atomic.Uint64 // committed on the destination: what the slot may be acknowledged to
 	replyQ atomic.Bool   // ask the walsender for a keepalive (a sync point waits)
+
+	// The receiver's (and, once it has stopped, run's).
+	received pglogrepl.LSN // the end of what the walsender sent
+	sentAck  pglogrepl.LSN // the last flush position sent
 }
 
 // run takes the stream lock, checks the slot, and streams until an error,
@@ -113,6 +117,7 @@ FROM mimeo.logical_source WHERE dblink = $1`, s.dblink).Scan(&s.names.Slot, &s.n
 	err = a.run(ctx, items)
 	cancel(err)
 	rerr := <-recvDone
+	s.lastStatus(ctx)
 	if err == nil || errors.Is(err, context.Canceled) {
 		if rerr != nil && !errors.Is(rerr, context.Canceled) {
 			err = rerr
@@ -122,6 +127,21 @@ FROM mimeo.logical_source WHERE dblink = $1`, s.dblink).Scan(&s.names.Slot, &s.n
 		return s.needsResync(context.WithoutCancel(ctx), fmt.Sprintf("slot %s can no longer stream: %v", s.names.Slot, err))
 	}
 	return err
+}
+
+// lastStatus acknowledges, once receiving has stopped, what the
+// destination committed since the last acknowledgement: without it a
+// stopped agent leaves the slot's restart point behind, and the next
+// walsender decodes that WAL again.
+func (s *stream) lastStatus(ctx context.Context) {
+	if s.repl.IsClosed() || pglogrepl.LSN(s.acked.Load()) <= s.sentAck {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Second)
+	defer cancel()
+	if err := s.sendStatus(ctx, false); err != nil {
+		s.log.Debug("cannot acknowledge the slot on stopping", "error", err)
+	}
 }
 
 // guard refuses to stream from a slot that cannot continue exactly where
