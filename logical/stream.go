@@ -84,6 +84,7 @@ FROM mimeo.logical_source WHERE dblink = $1`, s.dblink).Scan(&s.names.Slot, &s.n
 	if err != nil {
 		return err
 	}
+	quiet(rcfg) // the walsender's messages read in gulps, not one wake-up each
 	if s.repl, err = pgconn.ConnectConfig(ctx, rcfg); err != nil {
 		return fmt.Errorf("open replication connection to source %d: %w", s.dblink, err)
 	}
