@@ -36,7 +36,7 @@ func (s *stream) receive(ctx context.Context, out *handover) error {
 	status := func(reply bool) error {
 		now := time.Now()
 		nextStatus, sentAt = now.Add(s.e.cfg.StatusInterval), now
-		return s.sendStatus(ctx, reply)
+		return s.sendStatus(ctx, reply, statusTimeout)
 	}
 	// Messages go to the applier in batches (a hand-over per message
 	// costs more than decoding it): a batch is handed over when full, at a
@@ -73,10 +73,11 @@ func (s *stream) receive(ctx context.Context, out *handover) error {
 	var wake time.Time
 	defer func() { _ = conn.SetReadDeadline(time.Time{}) }()
 	for {
-		// Acknowledged when due, when the walsender asks, and soon after
-		// the destination committed more: the slot's restart point then
-		// follows (a restarted walsender decodes less again), and the
-		// source may recycle that WAL.
+		// Acknowledged when due, when the walsender asks, and after the
+		// destination committed more (checked per message, and at least
+		// every 100 ms): the slot's restart point then follows (a
+		// restarted walsender decodes less again), and the source may
+		// recycle that WAL.
 		if reply := s.replyQ.Swap(false); reply || time.Now().After(nextStatus) ||
 			(pglogrepl.LSN(s.acked.Load()) > s.sentAck && time.Since(sentAt) >= ackGap) {
 			if err := status(reply); err != nil {
@@ -160,10 +161,20 @@ func (s *stream) receive(ctx context.Context, out *handover) error {
 	}
 }
 
+// statusTimeout bounds the write of one status update (pglogrepl's
+// ignores its context): a socket that takes no 40 bytes for that long
+// ends the stream, which then starts again.
+const statusTimeout = 10 * time.Second
+
 // sendStatus acknowledges the slot up to what the destination has
 // committed (s.acked); write is what has been received.
-func (s *stream) sendStatus(ctx context.Context, reply bool) error {
+func (s *stream) sendStatus(ctx context.Context, reply bool, timeout time.Duration) error {
 	acked := pglogrepl.LSN(s.acked.Load())
+	conn := s.repl.Conn()
+	if err := conn.SetWriteDeadline(time.Now().Add(timeout)); err != nil {
+		return err
+	}
+	defer func() { _ = conn.SetWriteDeadline(time.Time{}) }()
 	err := pglogrepl.SendStandbyStatusUpdate(ctx, s.repl, pglogrepl.StandbyStatusUpdate{
 		WALWritePosition: max(s.received, acked),
 		WALFlushPosition: acked,

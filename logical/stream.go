@@ -138,9 +138,7 @@ func (s *stream) lastStatus(ctx context.Context) {
 	if s.repl.IsClosed() || pglogrepl.LSN(s.acked.Load()) <= s.sentAck {
 		return
 	}
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Second)
-	defer cancel()
-	if err := s.sendStatus(ctx, false); err != nil {
+	if err := s.sendStatus(context.WithoutCancel(ctx), false, time.Second); err != nil {
 		s.log.Debug("cannot acknowledge the slot on stopping", "error", err)
 	}
 }

@@ -1,5 +1,3 @@
-//go:build unix
-
 package logical
 
 import (
@@ -23,16 +21,17 @@ import (
 // once per message of ~150 bytes: on a busy machine a third of the
 // agent's CPU went on those wake-ups.
 //
-// quietConn takes the replication socket out of Go's poller. After a read
+// quietConn (Linux) takes the replication socket out of Go's poller. After a read
 // that found data, it sleeps a moment without waiting on the socket (the
 // walsender's sends then only queue), then takes what came meanwhile in
 // one read. When a read finds nothing, it waits on the socket (poll), so
-// an idle stream costs nothing and a lone change is read at once.
+// an idle stream costs little and a lone change is read at once.
 type quietConn struct {
 	local, remote net.Addr
 	buf           []byte
 	r, w          int
-	gather        bool // the last read found data: sleep before the next
+	gather        bool      // the last read found data: let more come before the next
+	filled        time.Time // when
 
 	mu      sync.Mutex
 	fd      int
@@ -49,8 +48,9 @@ const (
 	// well below the time a walsender needs to fill a socket's buffer.
 	quietGather = 200 * time.Microsecond
 	// quietSlice bounds each wait, so that a deadline moved by another
-	// goroutine (pgconn cancels through deadlines) is seen soon.
-	quietSlice = 20 * time.Millisecond
+	// goroutine (pgconn cancels through deadlines) is seen soon; as the
+	// receiver's own read deadline, an idle stream wakes 10 times a second.
+	quietSlice = 100 * time.Millisecond
 )
 
 // quiet makes cfg's connections quietConns: the address is dialled as
@@ -84,7 +84,7 @@ func newQuietConn(c net.Conn, sc syscall.Conn) (*quietConn, error) {
 		return nil, err
 	}
 	fd, derr := -1, error(nil)
-	if err := raw.Control(func(f uintptr) { fd, derr = unix.Dup(int(f)) }); err != nil {
+	if err := raw.Control(func(f uintptr) { fd, derr = unix.FcntlInt(f, unix.F_DUPFD_CLOEXEC, 0) }); err != nil {
 		return nil, err
 	}
 	if derr != nil {
@@ -185,9 +185,13 @@ func (q *quietConn) fill() error {
 	}
 	defer q.done()
 	if q.gather {
+		// What is left of the moment since the last read (none when the
+		// caller took that long itself).
 		q.gather = false
-		ts := unix.NsecToTimespec(int64(quietGather))
-		_ = unix.Nanosleep(&ts, nil) // a syscall: time.Sleep rounds up to a millisecond
+		if left := quietGather - time.Since(q.filled); left > 0 {
+			ts := unix.NsecToTimespec(int64(left))
+			_ = unix.Nanosleep(&ts, nil) // a syscall: time.Sleep rounds up to a millisecond
+		}
 	}
 	for {
 		if !by.IsZero() && !time.Now().Before(by) {
@@ -196,7 +200,7 @@ func (q *quietConn) fill() error {
 		n, err := unix.Read(fd, q.buf)
 		switch {
 		case n > 0:
-			q.r, q.w, q.gather = 0, n, true
+			q.r, q.w, q.gather, q.filled = 0, n, true, time.Now()
 			return nil
 		case err == nil:
 			return io.EOF
