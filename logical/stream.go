@@ -12,6 +12,7 @@ import (
 	"github.com/jackc/pglogrepl"
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
+	"golang.org/x/sync/errgroup"
 )
 
 // stream is one connection to one source's slot.
@@ -76,19 +77,37 @@ FROM mimeo.logical_source WHERE dblink = $1`, s.dblink).Scan(&s.names.Slot, &s.n
 	}
 	s.acked.Store(uint64(s.start))
 
-	if s.src, err = s.e.sources.Connect(ctx, s.dblink); err != nil {
-		return fmt.Errorf("connect to source %d: %w", s.dblink, err)
+	// Both source connections at once: each costs a round trip or more
+	// (TLS, SCRAM), and the stream starts only after both.
+	var g errgroup.Group
+	g.Go(func() error {
+		var err error
+		if s.src, err = s.e.sources.Connect(ctx, s.dblink); err != nil {
+			return fmt.Errorf("connect to source %d: %w", s.dblink, err)
+		}
+		return nil
+	})
+	g.Go(func() error {
+		rcfg, err := s.e.sources.ReplicationConfig(ctx, s.dblink)
+		if err != nil {
+			return err
+		}
+		quiet(rcfg) // the walsender's messages read in gulps, not one wake-up each
+		if s.repl, err = pgconn.ConnectConfig(ctx, rcfg); err != nil {
+			return fmt.Errorf("open replication connection to source %d: %w", s.dblink, err)
+		}
+		return nil
+	})
+	err = g.Wait()
+	if s.src != nil {
+		defer func() { _ = s.src.Close(context.WithoutCancel(ctx)) }()
 	}
-	defer func() { _ = s.src.Close(context.WithoutCancel(ctx)) }()
-	rcfg, err := s.e.sources.ReplicationConfig(ctx, s.dblink)
+	if s.repl != nil {
+		defer func() { _ = s.repl.Close(context.WithoutCancel(ctx)) }()
+	}
 	if err != nil {
 		return err
 	}
-	quiet(rcfg) // the walsender's messages read in gulps, not one wake-up each
-	if s.repl, err = pgconn.ConnectConfig(ctx, rcfg); err != nil {
-		return fmt.Errorf("open replication connection to source %d: %w", s.dblink, err)
-	}
-	defer func() { _ = s.repl.Close(context.WithoutCancel(ctx)) }()
 	if err := s.guard(ctx); err != nil {
 		return err
 	}
