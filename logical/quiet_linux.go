@@ -21,11 +21,13 @@ import (
 // once per message of ~150 bytes: on a busy machine a third of the
 // agent's CPU went on those wake-ups.
 //
-// quietConn (Linux) takes the replication socket out of Go's poller. After a read
-// that found data, it sleeps a moment without waiting on the socket (the
-// walsender's sends then only queue), then takes what came meanwhile in
-// one read. When a read finds nothing, it waits on the socket (poll), so
-// an idle stream costs little and a lone change is read at once.
+// quietConn (Linux) takes the replication socket out of Go's poller.
+// After a read that found data, it sleeps a moment without waiting on the
+// socket (the walsender's sends then only queue), then takes what came
+// meanwhile in one read. When a read finds nothing, it waits on the socket
+// (poll), so an idle stream costs little and a lone change is read at
+// once. One goroutine reads at a time (pgconn's); writes, deadlines and
+// Close may come from others.
 type quietConn struct {
 	local, remote net.Addr
 	buf           []byte
