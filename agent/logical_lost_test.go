@@ -28,14 +28,7 @@ func TestLogicalInvalidatedSlotIsReported(t *testing.T) {
 	e.app = e.pool(c.ConnString(e.srcDB, appRole, ""))
 	e.exec(e.dst, `UPDATE mimeo.dblink_mapping SET data_source = $1 WHERE data_source_id = $2`, e.sourceInfo(c.Port), e.dblink)
 
-	e.exec(e.app, `CREATE TABLE public.t (id int PRIMARY KEY, v text)`)
-	e.exec(e.app, `INSERT INTO public.t SELECT g, 'v' FROM generate_series(1, 100) g`)
-	stop := e.startAgent(e.config())
-	e.done(`SELECT mimeo.logical_maker('public.t', $1)`, e.dblink)
-	e.sync("public.t")
-	stop()
-	var slot string
-	require.NoError(t, e.dst.QueryRow(e.ctx, `SELECT slot_name FROM mimeo.logical_source`).Scan(&slot))
+	slot := e.streamedThenStopped()
 	// A change the slot will not keep, then WAL past its limit.
 	e.exec(e.app, `INSERT INTO public.t VALUES (101, 'lost to the slot')`)
 	e.exec(e.src, `CREATE TABLE public.pad (v text)`)
@@ -48,17 +41,6 @@ func TestLogicalInvalidatedSlotIsReported(t *testing.T) {
 	require.NoError(t, e.src.QueryRow(e.ctx, `SELECT wal_status FROM pg_replication_slots WHERE slot_name = $1`, slot).Scan(&walStatus))
 	require.Equal(t, "lost", walStatus, "the source did not invalidate the slot; the test's premise failed")
 
-	e.startAgent(e.config())
-	detail := e.waitState("public.t", "needs_resync")
-	require.Contains(t, detail, "invalidated")
-	require.Contains(t, detail, "p_repull => true")
-	msg := e.failed(`SELECT mimeo.refresh_logical('public.t')`)
-	require.Contains(t, msg, "needs resync")
-
-	e.done(`SELECT mimeo.refresh_logical('public.t', p_repull => true)`)
-	e.exec(e.app, `UPDATE public.t SET v = 'after' WHERE id <= 10`)
-	e.sync("public.t")
-	e.requireSame("public.t", "public.t")
-	state, _ := e.logicalState("public.t")
-	require.Equal(t, "ready", state)
+	e.resyncReported("invalidated")
+	e.repullRepairs()
 }

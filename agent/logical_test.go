@@ -213,9 +213,10 @@ func (e *env) waitState(table, want string) string {
 	}
 }
 
-func TestLogicalSlotDroppedBehindItsBackIsReportedNotReplaced(t *testing.T) {
-	t.Parallel()
-	e := setupLogical(t)
+// streamedThenStopped makes public.t (100 rows) logical, syncs it, stops
+// the agent, and returns the source's slot.
+func (e *env) streamedThenStopped() string {
+	e.t.Helper()
 	e.exec(e.app, `CREATE TABLE public.t (id int PRIMARY KEY, v text)`)
 	e.exec(e.app, `INSERT INTO public.t SELECT g, 'v' FROM generate_series(1, 100) g`)
 	stop := e.startAgent(e.config())
@@ -223,24 +224,44 @@ func TestLogicalSlotDroppedBehindItsBackIsReportedNotReplaced(t *testing.T) {
 	e.sync("public.t")
 	stop()
 	var slot string
-	require.NoError(t, e.dst.QueryRow(e.ctx, `SELECT slot_name FROM mimeo.logical_source`).Scan(&slot))
-	e.exec(e.src, `SELECT pg_drop_replication_slot($1)`, slot)
-	e.exec(e.app, `INSERT INTO public.t VALUES (101, 'lost to the slot')`)
+	require.NoError(e.t, e.dst.QueryRow(e.ctx, `SELECT slot_name FROM mimeo.logical_source`).Scan(&slot))
+	return slot
+}
 
+// resyncReported starts the agent and requires public.t to be marked
+// needs_resync, its detail naming why and the repull to run.
+func (e *env) resyncReported(why string) {
+	e.t.Helper()
 	e.startAgent(e.config())
 	detail := e.waitState("public.t", "needs_resync")
-	require.Contains(t, detail, "is missing on the source")
-	require.Contains(t, detail, "p_repull => true")
-	require.NotContains(t, e.slots(), "slot "+slot, "the slot is not silently re-created")
-	msg := e.failed(`SELECT mimeo.refresh_logical('public.t')`)
-	require.Contains(t, msg, "needs resync")
+	require.Contains(e.t, detail, why)
+	require.Contains(e.t, detail, "p_repull => true")
+}
 
+// repullRepairs requires a plain sync of public.t to be refused, then one
+// repull to bring it back: ready, streaming, and equal to the source.
+func (e *env) repullRepairs() {
+	e.t.Helper()
+	msg := e.failed(`SELECT mimeo.refresh_logical('public.t')`)
+	require.Contains(e.t, msg, "needs resync")
 	e.done(`SELECT mimeo.refresh_logical('public.t', p_repull => true)`)
 	e.exec(e.app, `UPDATE public.t SET v = 'after' WHERE id <= 10`)
 	e.sync("public.t")
 	e.requireSame("public.t", "public.t")
 	state, _ := e.logicalState("public.t")
-	require.Equal(t, "ready", state)
+	require.Equal(e.t, "ready", state)
+}
+
+func TestLogicalSlotDroppedBehindItsBackIsReportedNotReplaced(t *testing.T) {
+	t.Parallel()
+	e := setupLogical(t)
+	slot := e.streamedThenStopped()
+	e.exec(e.src, `SELECT pg_drop_replication_slot($1)`, slot)
+	e.exec(e.app, `INSERT INTO public.t VALUES (101, 'lost to the slot')`)
+
+	e.resyncReported("is missing on the source")
+	require.NotContains(t, e.slots(), "slot "+slot, "the slot is not silently re-created")
+	e.repullRepairs()
 }
 
 func TestLogicalFailingTableDoesNotStopItsSiblings(t *testing.T) {
