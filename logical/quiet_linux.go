@@ -104,20 +104,17 @@ func newQuietConn(c net.Conn, sc syscall.Conn) (*quietConn, error) {
 	return q, nil
 }
 
-// use returns the descriptor and its deadline for an operation; done
-// must follow. The descriptor is closed only once no operation uses it,
-// so that its number cannot be reused under a read.
-func (q *quietConn) use(write bool) (int, time.Time, error) {
+// use returns the descriptor for an operation; done must follow. The
+// descriptor is closed only once no operation uses it, so that its number
+// cannot be reused under a read.
+func (q *quietConn) use() (int, error) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	if q.closed {
-		return -1, time.Time{}, net.ErrClosed
+		return -1, net.ErrClosed
 	}
 	q.users++
-	if write {
-		return q.fd, q.writeBy, nil
-	}
-	return q.fd, q.readBy, nil
+	return q.fd, nil
 }
 
 func (q *quietConn) done() {
@@ -140,9 +137,14 @@ func (q *quietConn) deadline(write bool) (time.Time, bool) {
 	return q.readBy, q.closed
 }
 
-// wait polls fd for events until the deadline, in slices so that a
-// moved deadline or a close is seen.
-func (q *quietConn) wait(fd int, events int16, write bool) error {
+// wait polls fd until it can be read (or written) or the deadline of
+// reads (or writes) passes, in slices so that a moved deadline or a close
+// is seen.
+func (q *quietConn) wait(fd int, write bool) error {
+	events := int16(unix.POLLIN)
+	if write {
+		events = unix.POLLOUT
+	}
 	for {
 		by, closed := q.deadline(write)
 		if closed {
@@ -181,7 +183,7 @@ func (q *quietConn) Read(p []byte) (int, error) {
 
 // fill reads what the socket holds into buf, waiting for it if need be.
 func (q *quietConn) fill() error {
-	fd, by, err := q.use(false)
+	fd, err := q.use()
 	if err != nil {
 		return err
 	}
@@ -196,7 +198,7 @@ func (q *quietConn) fill() error {
 		}
 	}
 	for {
-		if !by.IsZero() && !time.Now().Before(by) {
+		if by, _ := q.deadline(false); !by.IsZero() && !time.Now().Before(by) {
 			return os.ErrDeadlineExceeded
 		}
 		n, err := unix.Read(fd, q.buf)
@@ -207,10 +209,9 @@ func (q *quietConn) fill() error {
 		case err == nil:
 			return io.EOF
 		case errors.Is(err, unix.EAGAIN):
-			if err := q.wait(fd, unix.POLLIN, false); err != nil {
+			if err := q.wait(fd, false); err != nil {
 				return err
 			}
-			by, _ = q.deadline(false)
 		case errors.Is(err, unix.EINTR):
 		default:
 			return q.opError("read", err)
@@ -220,7 +221,7 @@ func (q *quietConn) fill() error {
 
 // Write writes all of p.
 func (q *quietConn) Write(p []byte) (int, error) {
-	fd, _, err := q.use(true)
+	fd, err := q.use()
 	if err != nil {
 		return 0, err
 	}
@@ -234,7 +235,7 @@ func (q *quietConn) Write(p []byte) (int, error) {
 		switch {
 		case err == nil:
 		case errors.Is(err, unix.EAGAIN):
-			if err := q.wait(fd, unix.POLLOUT, true); err != nil {
+			if err := q.wait(fd, true); err != nil {
 				return written, err
 			}
 		case errors.Is(err, unix.EINTR):
