@@ -81,6 +81,9 @@ func (a *Agent) waitForStream(ctx context.Context, r *run, dblink int, target st
 	deadline := waitStart.Add(timeout)
 	pause := 5 * time.Millisecond
 	for {
+		// Taken before the read: a commit of this agent's stream after it
+		// ends the pause at once; another agent's is seen by the timer.
+		progress := a.logical.Progress()
 		var (
 			reached       bool
 			state, status string
@@ -113,6 +116,7 @@ FROM ONLY mimeo.refresh_config_logical c JOIN mimeo.logical_source s ON s.dblink
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
+		case <-progress:
 		case <-time.After(pause):
 		}
 		pause = min(2*pause, 20*time.Millisecond)

@@ -506,6 +506,7 @@ func (a *applier) acknowledge(lsn pglogrepl.LSN) {
 	a.applied = lsn
 	a.storedAt = time.Now()
 	a.s.acked.Store(uint64(lsn))
+	a.s.e.progressed()
 }
 
 // advance moves applied_lsn to a keepalive's position when nothing is in
@@ -564,6 +565,7 @@ func (a *applier) failed(ctx context.Context, err error) error {
 		te.dest, detail); xerr != nil {
 		return fmt.Errorf("%w; and cannot mark it failed: %v", err, xerr)
 	}
+	a.s.e.progressed()
 	delete(a.plans, te.dest)
 	return errRestart
 }

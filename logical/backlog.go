@@ -142,6 +142,7 @@ func (a *applier) drain(ctx context.Context, dest string) error {
 		return fmt.Errorf("commit backlog of %s: %w", dest, err)
 	}
 	a.tx = nil
+	a.s.e.progressed()
 	a.s.log.Info("logical table ready", "dest_table", dest, "backlog_changes", applied)
 	return nil
 }
@@ -345,6 +346,7 @@ WHERE dblink = $1 AND partitions IS NOT NULL AND state IN ('ready', 'copied')`, 
 			t.dest, why+repullHint(t.dest)); err != nil {
 			a.s.log.Warn("cannot mark the table failed", "error", err)
 		}
+		a.s.e.progressed()
 	}
 }
 

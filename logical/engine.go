@@ -51,9 +51,10 @@ type Engine struct {
 	log     hclog.Logger
 	metrics *Metrics
 
-	mu      sync.Mutex
-	running map[int]bool
-	wake    chan struct{}
+	mu       sync.Mutex
+	running  map[int]bool
+	wake     chan struct{}
+	progress chan struct{} // closed, and replaced, when a stream has committed more
 }
 
 // New returns an engine for the destination pool dst. metrics may be nil.
@@ -70,7 +71,27 @@ func New(cfg Config, dst *pgxpool.Pool, sources Sources, log hclog.Logger, metri
 	if metrics == nil {
 		metrics = NewMetrics(nil)
 	}
-	return &Engine{cfg: cfg, dst: dst, sources: sources, log: log, metrics: metrics, running: map[int]bool{}, wake: make(chan struct{}, 1)}
+	return &Engine{cfg: cfg, dst: dst, sources: sources, log: log, metrics: metrics, running: map[int]bool{}, wake: make(chan struct{}, 1),
+		progress: make(chan struct{})}
+}
+
+// Progress returns a channel that is closed the next time one of this
+// engine's streams commits on the destination: an applied position, a
+// table made ready or marked failed or needing a resync. A sync point
+// takes it before reading mimeo.logical_source, then waits on it (and on a
+// timer, for a stream another agent runs) instead of polling fast.
+func (e *Engine) Progress() <-chan struct{} {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.progress
+}
+
+// progressed wakes whoever waits on Progress.
+func (e *Engine) progressed() {
+	e.mu.Lock()
+	close(e.progress)
+	e.progress = make(chan struct{})
+	e.mu.Unlock()
 }
 
 // Wake makes Run look for sources to stream now (a maker just made one).

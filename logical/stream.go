@@ -217,6 +217,7 @@ func (s *stream) needsResync(ctx context.Context, why string) error {
 	if err != nil {
 		return fmt.Errorf("%s; and cannot record it: %w", why, err)
 	}
+	s.e.progressed()
 	return errResync
 }
 
