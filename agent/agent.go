@@ -24,7 +24,7 @@ import (
 )
 
 // Version is mimeo-agent's version; it installs schema version mimeosql.Version.
-const Version = "0.6.0"
+const Version = "0.7.0"
 
 // Agent serves one destination database.
 type Agent struct {
