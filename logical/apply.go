@@ -56,8 +56,11 @@ func newApplier(s *stream) *applier {
 
 // run consumes the receiver's batches until ctx ends or an error.
 func (a *applier) run(ctx context.Context, items *handover) error {
-	defer a.rollback(ctx)
 	r := &runner{a: a}
+	defer func() {
+		_ = r.settle(ctx) // its error is the stream's end already, or moot
+		a.rollback(ctx)
+	}()
 	idle := time.NewTicker(250 * time.Millisecond)
 	defer idle.Stop()
 	for {
@@ -106,6 +109,39 @@ type runner struct {
 	linger     <-chan time.Time
 	groupStart time.Time
 	pending    pglogrepl.LSN // a keepalive's position that arrived behind the group
+	// The piece of a large transaction being applied meanwhile (it alone
+	// uses a.tx and the batches until settled), and its result.
+	piece chan error
+}
+
+// applyPiece starts applying a piece of the large transaction cur (its
+// changes so far) in the background, in a.tx: the receiver's next piece
+// is decoded meanwhile. Only one runs at a time; settle waits for it.
+func (r *runner) applyPiece(ctx context.Context, cur *txn) {
+	part := *cur
+	cur.changes, cur.size = make([]change, 0, len(part.changes)), 0
+	r.piece = make(chan error, 1)
+	go func() {
+		err := r.a.feed(ctx, &part)
+		if err == nil {
+			err = r.a.flushBatches(ctx)
+		}
+		r.piece <- err
+	}()
+}
+
+// settle waits for the piece being applied, if any; its error (handled
+// as a table's failure where it is one) is returned.
+func (r *runner) settle(ctx context.Context) error {
+	if r.piece == nil {
+		return nil
+	}
+	err := <-r.piece
+	r.piece = nil
+	if err != nil {
+		return r.a.failed(ctx, err)
+	}
+	return r.a.s.fault("applied a piece")
 }
 
 // flushGroup applies the group, then a keepalive position held behind it.
@@ -153,7 +189,11 @@ func (r *runner) handle(ctx context.Context, item any, more bool) error {
 		}
 		// Large: apply it in pieces as it arrives, inside one
 		// destination transaction that commits with the source's (the
-		// receiver reads on meanwhile, and memory stays bounded).
+		// receiver reads, and the applier decodes, the next piece
+		// meanwhile; memory stays bounded).
+		if err := r.settle(ctx); err != nil {
+			return err
+		}
 		if !r.large {
 			if err := r.flushGroup(ctx); err != nil {
 				return err
@@ -164,16 +204,7 @@ func (r *runner) handle(ctx context.Context, item any, more bool) error {
 			r.large = true
 			a.s.log.Info("applying a large source transaction in pieces", "commit_lsn", cur.commitLSN.String())
 		}
-		if err := a.feed(ctx, cur); err != nil {
-			return a.failed(ctx, err)
-		}
-		if err := a.flushBatches(ctx); err != nil {
-			return a.failed(ctx, err)
-		}
-		if err := a.s.fault("applied a piece"); err != nil {
-			return err
-		}
-		cur.changes, cur.size = cur.changes[:0], 0
+		r.applyPiece(ctx, cur)
 	case *pglogrepl.CommitMessage:
 		done := r.cur
 		if done == nil {
@@ -186,6 +217,9 @@ func (r *runner) handle(ctx context.Context, item any, more bool) error {
 		}
 		if r.large {
 			r.large = false
+			if err := r.settle(ctx); err != nil {
+				return err
+			}
 			if err := a.feed(ctx, done); err != nil {
 				return a.failed(ctx, err)
 			}
