@@ -399,7 +399,7 @@ func (a *applier) feed(ctx context.Context, t *txn) error {
 							return err
 						}
 					}
-					b = newTableBatch(tg.plan)
+					b = newTableBatch(tg.plan, len(t.changes))
 					a.batches[tg.cfg.destText] = b
 				}
 				b.add(c, at)

@@ -85,6 +85,9 @@ FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text
 	return nil
 }
 
+// backlogChunk is how many backlog rows drain reads and applies at once.
+const backlogChunk = 5000
+
 // drain applies a copied table's backlog (the changes committed from its
 // copy's consistent point on) and makes it ready, in one transaction.
 func (a *applier) drain(ctx context.Context, dest string) error {
@@ -109,11 +112,11 @@ func (a *applier) drain(ctx context.Context, dest string) error {
 	if err != nil {
 		return a.failed(ctx, err)
 	}
-	b := newTableBatch(p)
+	b := newTableBatch(p, backlogChunk)
 	var last int64
 	applied := 0
 	for {
-		chunk, err := readBacklog(ctx, a.tx, dest, last, 5000)
+		chunk, err := readBacklog(ctx, a.tx, dest, last, backlogChunk)
 		if err != nil {
 			return err
 		}

@@ -41,10 +41,13 @@ type tableBatch struct {
 	plan    *plan
 	segs    []*segment
 	changes int
+	hint    int // the keys a segment is made room for
 }
 
-func newTableBatch(p *plan) *tableBatch {
-	b := &tableBatch{plan: p}
+// newTableBatch makes a batch whose segments have room for hint keys
+// (a map grown key by key rehashes all it holds, again and again).
+func newTableBatch(p *plan, hint int) *tableBatch {
+	b := &tableBatch{plan: p, hint: hint}
 	b.next()
 	return b
 }
@@ -52,7 +55,7 @@ func newTableBatch(p *plan) *tableBatch {
 func (b *tableBatch) cur() *segment { return b.segs[len(b.segs)-1] }
 
 func (b *tableBatch) next() *segment {
-	s := &segment{ops: map[string]*rowOp{}}
+	s := &segment{ops: make(map[string]*rowOp, b.hint)}
 	b.segs = append(b.segs, s)
 	return s
 }
@@ -80,8 +83,20 @@ func (s *segment) count(kind int) int {
 	return n
 }
 
-// keyOf extracts the key values of a tuple (relation order).
+// keyOf extracts the key values of a tuple (relation order), and a string
+// that tells the plan's keys apart.
 func (p *plan) keyOf(t []*string) ([]*string, string) {
+	if len(p.keys) == 1 {
+		// One column: its value itself (no text value holds a NUL).
+		var v *string
+		if k := p.keys[0].src; k < len(t) {
+			v = t[k]
+		}
+		if v == nil {
+			return []*string{nil}, "\x00"
+		}
+		return []*string{v}, *v
+	}
 	vals := make([]*string, len(p.keys))
 	var sb strings.Builder
 	for i, k := range p.keys {
