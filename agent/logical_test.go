@@ -315,6 +315,40 @@ func TestLogicalTransactionLargerThanTheMemoryBudget(t *testing.T) {
 	require.Greater(t, pieces.Load(), int64(10), "the transaction was applied in pieces")
 }
 
+// A table that fails in a piece of a large transaction (its statements run
+// while the next piece is folded) fails alone, as in a small one.
+func TestLogicalTableFailingInALargeTransactionDoesNotStopItsSiblings(t *testing.T) {
+	t.Parallel()
+	e := setupLogical(t)
+	e.exec(e.app, `CREATE TABLE public.a (id int PRIMARY KEY, v text)`)
+	e.exec(e.app, `CREATE TABLE public.b (id int PRIMARY KEY, v text)`)
+	cfg := e.config()
+	cfg.LogicalMemory = 64 << 10
+	e.startAgent(cfg)
+	e.done(`SELECT mimeo.logical_maker('public.a', $1)`, e.dblink)
+	e.done(`SELECT mimeo.logical_maker('public.b', $1)`, e.dblink)
+	e.sync("public.b")
+	e.exec(e.dst, `ALTER TABLE public.b ADD CONSTRAINT no_bad CHECK (v <> 'bad')`)
+	// b's bad row comes in the middle, between pieces of a's rows.
+	e.exec(e.app, `BEGIN;
+        INSERT INTO public.a SELECT g, md5(g::text) FROM generate_series(1, 10000) g;
+        INSERT INTO public.b SELECT g, CASE WHEN g = 500 THEN 'bad' ELSE 'ok' END FROM generate_series(1, 1000) g;
+        INSERT INTO public.a SELECT g, md5(g::text) FROM generate_series(10001, 20000) g;
+        UPDATE public.a SET v = 'u' WHERE id % 3 = 0;
+        COMMIT`)
+	detail := e.waitState("public.b", "failed")
+	require.Contains(t, detail, "no_bad")
+	e.sync("public.a")
+	e.requireSame("public.a", "public.a")
+	e.exec(e.app, `INSERT INTO public.a VALUES (20001, 'still streaming')`)
+	e.sync("public.a")
+	e.requireSame("public.a", "public.a")
+	e.exec(e.dst, `ALTER TABLE public.b DROP CONSTRAINT no_bad`)
+	e.done(`SELECT mimeo.refresh_logical('public.b', p_repull => true)`)
+	e.sync("public.b")
+	e.requireSame("public.b", "public.b")
+}
+
 func TestLogicalSourceColumnAdded(t *testing.T) {
 	t.Parallel()
 	e := setupLogical(t)

@@ -33,13 +33,14 @@ type applier struct {
 	syncWant  pglogrepl.LSN
 
 	// The destination transaction being built.
-	tx      pgx.Tx
-	stages  *stages
-	targets map[*relation][]*target
-	batches map[string]*tableBatch
-	backlog []backlogRow
-	size    int
-	changes int
+	tx       pgx.Tx
+	inflight chan error // a piece's statements running in tx (then tx is theirs), and their result
+	stages   *stages
+	targets  map[*relation][]*target
+	batches  map[string]*tableBatch
+	backlog  []backlogRow
+	size     int
+	changes  int
 }
 
 // target is one destination table a relation's changes go to in the
@@ -58,7 +59,7 @@ func newApplier(s *stream) *applier {
 func (a *applier) run(ctx context.Context, items *handover) error {
 	r := &runner{a: a}
 	defer func() {
-		_ = r.settle(ctx) // its error is the stream's end already, or moot
+		_ = a.settle() // its error is the stream's end already, or moot
 		a.rollback(ctx)
 	}()
 	idle := time.NewTicker(250 * time.Millisecond)
@@ -109,39 +110,28 @@ type runner struct {
 	linger     <-chan time.Time
 	groupStart time.Time
 	pending    pglogrepl.LSN // a keepalive's position that arrived behind the group
-	// The piece of a large transaction being applied meanwhile (it alone
-	// uses a.tx and the batches until settled), and its result.
-	piece chan error
 }
 
-// applyPiece starts applying a piece of the large transaction cur (its
-// changes so far) in the background, in a.tx: the receiver's next piece
-// is decoded meanwhile. Only one runs at a time; settle waits for it.
-func (r *runner) applyPiece(ctx context.Context, cur *txn) {
+// applyPiece folds a piece of the large transaction cur (its changes so
+// far) into batches of its own, then has them applied in the background:
+// the destination runs one piece's statements while the next is decoded
+// and folded. One piece is applied at a time.
+func (r *runner) applyPiece(ctx context.Context, cur *txn) error {
+	a := r.a
 	part := *cur
 	cur.changes, cur.size = make([]change, 0, len(part.changes)), 0
-	r.piece = make(chan error, 1)
-	go func() {
-		err := r.a.feed(ctx, &part)
-		if err == nil {
-			err = r.a.flushBatches(ctx)
-		}
-		r.piece <- err
-	}()
-}
-
-// settle waits for the piece being applied, if any; its error (handled
-// as a table's failure where it is one) is returned.
-func (r *runner) settle(ctx context.Context) error {
-	if r.piece == nil {
-		return nil
+	if err := a.feed(ctx, &part); err != nil {
+		return a.failed(ctx, err)
 	}
-	err := <-r.piece
-	r.piece = nil
-	if err != nil {
-		return r.a.failed(ctx, err)
+	if err := a.settle(); err != nil {
+		return a.failed(ctx, err)
 	}
-	return r.a.s.fault("applied a piece")
+	batches, backlog := a.batches, a.backlog
+	a.batches, a.backlog = map[string]*tableBatch{}, nil
+	done := make(chan error, 1)
+	a.inflight = done
+	go func() { done <- a.applyBatches(ctx, batches, backlog) }()
+	return nil
 }
 
 // flushGroup applies the group, then a keepalive position held behind it.
@@ -189,11 +179,8 @@ func (r *runner) handle(ctx context.Context, item any, more bool) error {
 		}
 		// Large: apply it in pieces as it arrives, inside one
 		// destination transaction that commits with the source's (the
-		// receiver reads, and the applier decodes, the next piece
-		// meanwhile; memory stays bounded).
-		if err := r.settle(ctx); err != nil {
-			return err
-		}
+		// receiver reads, and the applier decodes and folds, the next
+		// piece meanwhile; memory stays bounded).
 		if !r.large {
 			if err := r.flushGroup(ctx); err != nil {
 				return err
@@ -204,7 +191,7 @@ func (r *runner) handle(ctx context.Context, item any, more bool) error {
 			r.large = true
 			a.s.log.Info("applying a large source transaction in pieces", "commit_lsn", cur.commitLSN.String())
 		}
-		r.applyPiece(ctx, cur)
+		return r.applyPiece(ctx, cur)
 	case *pglogrepl.CommitMessage:
 		done := r.cur
 		if done == nil {
@@ -217,9 +204,6 @@ func (r *runner) handle(ctx context.Context, item any, more bool) error {
 		}
 		if r.large {
 			r.large = false
-			if err := r.settle(ctx); err != nil {
-				return err
-			}
 			if err := a.feed(ctx, done); err != nil {
 				return a.failed(ctx, err)
 			}
@@ -395,6 +379,9 @@ func (a *applier) feed(ctx context.Context, t *txn) error {
 				b := a.batches[tg.cfg.destText]
 				if b == nil || b.plan != tg.plan {
 					if b != nil && !b.empty() {
+						if err := a.settle(); err != nil {
+							return err
+						}
 						if _, err := b.apply(ctx, a.tx); err != nil {
 							return err
 						}
@@ -418,6 +405,9 @@ func (a *applier) targetsOf(ctx context.Context, rel *relation) ([]*target, erro
 	if t, ok := a.targets[rel]; ok {
 		return t, nil
 	}
+	if err := a.settle(); err != nil {
+		return nil, err
+	}
 	cfgs, err := readTargets(ctx, a.tx, a.s.dblink, ident.Name{Schema: rel.schema, Table: rel.table})
 	if err != nil {
 		return nil, err
@@ -437,6 +427,9 @@ func (a *applier) targetsOf(ctx context.Context, rel *relation) ([]*target, erro
 
 // replan builds the plan of a target for rel.
 func (a *applier) replan(ctx context.Context, tg *target, rel *relation) error {
+	if err := a.settle(); err != nil {
+		return err
+	}
 	types, ok := a.types[rel]
 	if !ok {
 		var err error
@@ -466,15 +459,41 @@ func (a *applier) buildPlan(ctx context.Context, cfg *tableConfig, rel *relation
 	return p, nil
 }
 
+// settle waits for the piece whose statements run in the background, if
+// any, and returns their error; a.tx is the caller's again.
+func (a *applier) settle() error {
+	if a.inflight == nil {
+		return nil
+	}
+	err := <-a.inflight
+	a.inflight = nil
+	if err != nil {
+		return err
+	}
+	return a.s.fault("applied a piece")
+}
+
 // flushBatches applies what the batches hold, inside the transaction.
 func (a *applier) flushBatches(ctx context.Context) error {
-	names := make([]string, 0, len(a.batches))
-	for n := range a.batches {
+	if err := a.settle(); err != nil {
+		return err
+	}
+	if err := a.applyBatches(ctx, a.batches, a.backlog); err != nil {
+		return err
+	}
+	a.backlog = a.backlog[:0]
+	return nil
+}
+
+// applyBatches applies batches and backlog rows in tx.
+func (a *applier) applyBatches(ctx context.Context, batches map[string]*tableBatch, backlog []backlogRow) error {
+	names := make([]string, 0, len(batches))
+	for n := range batches {
 		names = append(names, n)
 	}
 	slices.Sort(names) // one order for every stream: no deadlocks between them
 	for _, n := range names {
-		b := a.batches[n]
+		b := batches[n]
 		if b.empty() {
 			continue
 		}
@@ -482,11 +501,7 @@ func (a *applier) flushBatches(ctx context.Context) error {
 			return err
 		}
 	}
-	if err := writeBacklog(ctx, a.tx, a.backlog); err != nil {
-		return err
-	}
-	a.backlog = a.backlog[:0]
-	return nil
+	return writeBacklog(ctx, a.tx, backlog)
 }
 
 // commit applies what is left, stores the last transaction's end LSN
@@ -581,6 +596,9 @@ func (a *applier) advance(ctx context.Context, lsn pglogrepl.LSN) error {
 // (in a transaction of its own) and restarts the stream, which resends
 // what was not committed; the other tables go on.
 func (a *applier) failed(ctx context.Context, err error) error {
+	if perr := a.settle(); perr != nil {
+		err = perr // it came first
+	}
 	a.rollback(ctx)
 	var te *tableError
 	if !errors.As(err, &te) {
