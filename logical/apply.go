@@ -161,7 +161,7 @@ func (r *runner) handle(ctx context.Context, item any, more bool) error {
 	case *pglogrepl.BeginMessage:
 		// A transaction applied before a restart may be sent again.
 		r.cur = &txn{commitLSN: m.FinalLSN, commitAt: m.CommitTime, skip: m.FinalLSN < a.applied}
-	case *pglogrepl.InsertMessage, *pglogrepl.UpdateMessage, *pglogrepl.DeleteMessage, *pglogrepl.TruncateMessage:
+	case *rowMessage, *pglogrepl.TruncateMessage:
 		cur := r.cur
 		if cur == nil {
 			return errors.New("pgoutput sent a change outside a transaction")
@@ -272,31 +272,13 @@ func (a *applier) decode(msg any, t *txn) (int, error) {
 		return r, nil
 	}
 	switch m := msg.(type) {
-	case *pglogrepl.InsertMessage:
-		r, err := rel(m.RelationID)
+	case *rowMessage:
+		r, err := rel(m.relID)
 		if err != nil {
 			return 0, err
 		}
-		vals, _, n := tupleValues(m.Tuple)
-		t.changes = append(t.changes, change{op: opInsert, rel: r, new: vals})
-		return n, nil
-	case *pglogrepl.UpdateMessage:
-		r, err := rel(m.RelationID)
-		if err != nil {
-			return 0, err
-		}
-		old, _, n1 := tupleValues(m.OldTuple)
-		vals, unchanged, n2 := tupleValues(m.NewTuple)
-		t.changes = append(t.changes, change{op: opUpdate, rel: r, old: old, new: vals, unchanged: unchanged})
-		return n1 + n2, nil
-	case *pglogrepl.DeleteMessage:
-		r, err := rel(m.RelationID)
-		if err != nil {
-			return 0, err
-		}
-		old, _, n := tupleValues(m.OldTuple)
-		t.changes = append(t.changes, change{op: opDelete, rel: r, old: old})
-		return n, nil
+		t.changes = append(t.changes, change{op: m.op, rel: r, old: m.old, new: m.new, unchanged: m.unchanged})
+		return m.size, nil
 	case *pglogrepl.TruncateMessage:
 		for _, id := range m.RelationIDs {
 			r, err := rel(id)

@@ -1,7 +1,6 @@
 package logical
 
 import (
-	"strings"
 	"time"
 
 	"github.com/jackc/pglogrepl"
@@ -60,41 +59,4 @@ type txn struct {
 	changes   []change
 	size      int  // bytes of values held, for the memory budget
 	skip      bool // applied already (before a restart)
-}
-
-// tupleValues converts pgoutput tuple data (text format) into values. The
-// values of a tuple share one allocation (a few per tuple, not two per
-// value).
-func tupleValues(t *pglogrepl.TupleData) ([]*string, []bool, int) {
-	if t == nil {
-		return nil, nil, 0
-	}
-	size := 0
-	for _, c := range t.Columns {
-		size += len(c.Data)
-	}
-	var sb strings.Builder
-	sb.Grow(size)
-	for _, c := range t.Columns {
-		sb.Write(c.Data)
-	}
-	all := sb.String()
-	vals := make([]*string, len(t.Columns))
-	strs := make([]string, len(t.Columns))
-	var unchanged []bool
-	at := 0
-	for i, c := range t.Columns {
-		switch c.DataType {
-		case pglogrepl.TupleDataTypeText, pglogrepl.TupleDataTypeBinary:
-			strs[i] = all[at : at+len(c.Data)]
-			at += len(c.Data)
-			vals[i] = &strs[i]
-		case pglogrepl.TupleDataTypeToast:
-			if unchanged == nil {
-				unchanged = make([]bool, len(t.Columns))
-			}
-			unchanged[i] = true
-		}
-	}
-	return vals, unchanged, size + 16*len(t.Columns)
 }

@@ -72,16 +72,20 @@ func (s *stream) receive(ctx context.Context, out *handover) error {
 	conn := s.repl.Conn()
 	var wake time.Time
 	defer func() { _ = conn.SetReadDeadline(time.Time{}) }()
-	for {
+	for unchecked := 0; ; unchecked++ {
 		// Acknowledged when due, when the walsender asks, and after the
-		// destination committed more (checked per message, and at least
-		// every 100 ms): the slot's restart point then follows (a
-		// restarted walsender decodes less again), and the source may
-		// recycle that WAL.
-		if reply := s.replyQ.Swap(false); reply || time.Now().After(nextStatus) ||
-			(pglogrepl.LSN(s.acked.Load()) > s.sentAck && time.Since(sentAt) >= ackGap) {
-			if err := status(reply); err != nil {
-				return fmt.Errorf("acknowledge slot: %w", err)
+		// destination committed more (checked after each hand-over, every
+		// 64 messages, and at least every 100 ms; a clock read per
+		// message cost 5 % of the agent's CPU): the slot's restart point
+		// then follows (a restarted walsender decodes less again), and
+		// the source may recycle that WAL.
+		if reply := s.replyQ.Swap(false); reply || len(batch) == 0 || unchecked >= 64 {
+			unchecked = 0
+			if now := time.Now(); reply || now.After(nextStatus) ||
+				(pglogrepl.LSN(s.acked.Load()) > s.sentAck && now.Sub(sentAt) >= ackGap) {
+				if err := status(reply); err != nil {
+					return fmt.Errorf("acknowledge slot: %w", err)
+				}
 			}
 		}
 		if ctx.Err() != nil {
@@ -142,9 +146,14 @@ func (s *stream) receive(ctx context.Context, out *handover) error {
 			if err != nil {
 				return fmt.Errorf("parse WAL data: %w", err)
 			}
-			msg, err := pglogrepl.Parse(x.WALData)
+			var msg any
+			if isRowMessage(x.WALData) {
+				msg, err = decodeRow(x.WALData)
+			} else {
+				msg, err = pglogrepl.Parse(x.WALData)
+			}
 			if err != nil {
-				return fmt.Errorf("decode pgoutput message: %w", err)
+				return fmt.Errorf("decode pgoutput message at %s: %w", x.WALStart, err)
 			}
 			commit := false
 			switch m := msg.(type) {
