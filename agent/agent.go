@@ -79,7 +79,7 @@ func New(ctx context.Context, cfg Config, logger hclog.Logger) (*Agent, error) {
 	a.metrics.registry.MustRegister(&tableCollector{pool: pool, timeout: cfg.AgentTimeout})
 	a.jobCtx, a.cancelJob = context.WithCancel(context.WithoutCancel(ctx))
 	a.handlers = a.registerHandlers()
-	a.logical = logical.New(logical.Config{MemoryBudget: cfg.LogicalMemory, WALWarnBytes: cfg.LogicalWALWarning, Faults: cfg.LogicalFaults},
+	a.logical = logical.New(logical.Config{MemoryBudget: cfg.LogicalMemory, NoStreaming: !cfg.LogicalStreaming, WALWarnBytes: cfg.LogicalWALWarning, Faults: cfg.LogicalFaults},
 		pool, logicalSources{a}, logger.Named("logical"), logical.NewMetrics(a.metrics.registry))
 	if err := a.checkSchema(ctx); err != nil {
 		pool.Close()

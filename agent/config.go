@@ -44,6 +44,10 @@ type Config struct {
 	// LogicalMemory bounds the bytes of changes a stream holds before
 	// applying them; a larger source transaction is applied in pieces.
 	LogicalMemory int `env:"MIMEO_LOGICAL_MEMORY, default=16777216"`
+	// LogicalStreaming has a source (PostgreSQL 14 and later) stream a
+	// large transaction while it is in progress, so that applying it
+	// overlaps its decoding; false waits for each commit.
+	LogicalStreaming bool `env:"MIMEO_LOGICAL_STREAMING, default=true"`
 	// Retention is how long finished requests, job logs and stopped agents'
 	// rows are kept; older ones are deleted in small batches. 0 keeps them.
 	Retention RetentionPeriod `env:"MIMEO_RETENTION, default=30d"`

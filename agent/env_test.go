@@ -152,6 +152,7 @@ func (e *env) config() agent.Config {
 		ConnectTimeout:    5 * time.Second,
 		LogLevel:          "info",
 		LogFormat:         "text",
+		LogicalStreaming:  true, // as its env default
 	}
 }
 

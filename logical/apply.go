@@ -79,13 +79,16 @@ func (a *applier) run(ctx context.Context, items *handover) error {
 			items.done(batch)
 		case <-r.linger:
 			r.linger = nil
-			if r.cur == nil {
+			if r.cur == nil && !r.large {
 				if err := r.flushGroup(ctx); err != nil {
 					return err
 				}
 			}
 		case <-idle.C:
-			if r.cur == nil {
+			if err := r.streamIdle(); err != nil {
+				return err
+			}
+			if r.cur == nil && !r.large {
 				if err := r.flushGroup(ctx); err != nil {
 					return err
 				}
@@ -103,7 +106,11 @@ type runner struct {
 	cur   *txn   // the transaction being received
 	group []*txn // complete transactions not applied yet
 	size  int
-	large bool // cur is being applied in pieces, in a.tx
+	large bool // cur (or stx) is being applied in pieces, in a.tx
+	// stx is the streamed transaction open, if any: cur while one of its
+	// blocks arrives.
+	stx      *txn
+	lastData time.Time // when the last streamed block started or ended
 	// A group waits up to lingerMax for more transactions once the
 	// stream runs dry: one destination transaction then carries
 	// several, instead of one each at a rate it cannot keep up with.
@@ -120,10 +127,21 @@ func (r *runner) applyPiece(ctx context.Context, cur *txn) error {
 	a := r.a
 	part := *cur
 	cur.changes, cur.size = make([]change, 0, len(part.changes)), 0
-	if err := a.feed(ctx, &part); err != nil {
-		return a.failed(ctx, err)
+	err := a.feed(ctx, &part)
+	if err == nil {
+		err = a.settle()
 	}
-	if err := a.settle(); err != nil {
+	if err != nil && cur.streamed {
+		// The source has not committed it: the stream without
+		// streaming decides, once it has, what fails.
+		_ = a.settle()
+		a.rollback(ctx)
+		if !errors.Is(err, errUnstreamed) {
+			err = unstreamed(err.Error())
+		}
+		return err
+	}
+	if err != nil {
 		return a.failed(ctx, err)
 	}
 	batches, backlog := a.batches, a.backlog
@@ -159,8 +177,19 @@ func (r *runner) handle(ctx context.Context, item any, more bool) error {
 	case *pglogrepl.RelationMessage:
 		a.rels[m.RelationID] = relationOf(m)
 	case *pglogrepl.BeginMessage:
+		if r.stx != nil && r.large {
+			return unstreamed("another source transaction committed while a streamed one is applied")
+		}
 		// A transaction applied before a restart may be sent again.
 		r.cur = &txn{commitLSN: m.FinalLSN, commitAt: m.CommitTime, skip: m.FinalLSN < a.applied}
+	case *streamStart:
+		return r.streamStart(ctx, m)
+	case streamStop:
+		r.streamStop()
+	case *pglogrepl.StreamCommitMessageV2:
+		return r.streamCommit(ctx, m, more)
+	case *pglogrepl.StreamAbortMessageV2:
+		return r.streamAbort(ctx, m)
 	case *rowMessage, *pglogrepl.TruncateMessage:
 		cur := r.cur
 		if cur == nil {
@@ -189,44 +218,25 @@ func (r *runner) handle(ctx context.Context, item any, more bool) error {
 				return err
 			}
 			r.large = true
-			a.s.log.Info("applying a large source transaction in pieces", "commit_lsn", cur.commitLSN.String())
+			if cur.streamed {
+				a.s.log.Info("applying a large source transaction in pieces as it is streamed", "xid", cur.xid)
+			} else {
+				a.s.log.Info("applying a large source transaction in pieces", "commit_lsn", cur.commitLSN.String())
+			}
 		}
 		return r.applyPiece(ctx, cur)
 	case *pglogrepl.CommitMessage:
 		done := r.cur
-		if done == nil {
+		if done == nil || done.streamed {
 			return errors.New("pgoutput sent a commit outside a transaction")
 		}
-		done.endLSN, done.commitAt = m.TransactionEndLSN, m.CommitTime
 		r.cur = nil
 		if done.skip {
 			return nil
 		}
-		if r.large {
-			r.large = false
-			if err := a.feed(ctx, done); err != nil {
-				return a.failed(ctx, err)
-			}
-			if err := a.commit(ctx, []*txn{done}); err != nil {
-				return a.failed(ctx, err)
-			}
-			a.s.log.Debug("applied a large source transaction", "commit_lsn", done.commitLSN.String(), "changes", a.changes)
-			return nil
-		}
-		if len(r.group) == 0 {
-			r.groupStart = time.Now()
-		}
-		r.group = append(r.group, done)
-		r.size += done.size
-		waited := time.Since(r.groupStart)
-		switch {
-		case r.size >= a.s.e.cfg.MemoryBudget || len(r.group) >= 1000 || (!more && waited >= lingerMax):
-			return r.flushGroup(ctx)
-		case !more && r.linger == nil:
-			r.linger = time.After(lingerMax - waited)
-		}
+		return r.committed(ctx, done, m.TransactionEndLSN, m.CommitTime, more)
 	case marker:
-		if r.cur != nil {
+		if r.cur != nil || r.stx != nil {
 			return nil
 		}
 		if len(r.group) > 0 {
@@ -240,6 +250,37 @@ func (r *runner) handle(ctx context.Context, item any, more bool) error {
 			return err
 		}
 		r.pending = 0
+	}
+	return nil
+}
+
+// committed applies a transaction whose commit has arrived: the rest of a
+// large one, then its commit; a smaller one joins the group.
+func (r *runner) committed(ctx context.Context, done *txn, endLSN pglogrepl.LSN, commitAt time.Time, more bool) error {
+	a := r.a
+	done.endLSN, done.commitAt = endLSN, commitAt
+	if r.large {
+		r.large = false
+		if err := a.feed(ctx, done); err != nil {
+			return a.failed(ctx, err)
+		}
+		if err := a.commit(ctx, []*txn{done}); err != nil {
+			return a.failed(ctx, err)
+		}
+		a.s.log.Debug("applied a large source transaction", "commit_lsn", done.commitLSN.String(), "changes", a.changes)
+		return nil
+	}
+	if len(r.group) == 0 {
+		r.groupStart = time.Now()
+	}
+	r.group = append(r.group, done)
+	r.size += done.size
+	waited := time.Since(r.groupStart)
+	switch {
+	case r.size >= a.s.e.cfg.MemoryBudget || len(r.group) >= 1000 || (!more && waited >= lingerMax):
+		return r.flushGroup(ctx)
+	case !more && r.linger == nil:
+		r.linger = time.After(lingerMax - waited)
 	}
 	return nil
 }
@@ -350,7 +391,11 @@ func (a *applier) feed(ctx context.Context, t *txn) error {
 		for _, tg := range targets {
 			switch tg.cfg.state {
 			case "ready":
-				if t.commitLSN < tg.cfg.startLSN {
+				if t.streamed && t.commitLSN == 0 {
+					if err := streamable(t, tg); err != nil {
+						return err
+					}
+				} else if t.commitLSN < tg.cfg.startLSN {
 					continue // in the table's copy already
 				}
 				if tg.plan == nil || tg.plan.rel != c.rel {
@@ -373,6 +418,9 @@ func (a *applier) feed(ctx context.Context, t *txn) error {
 				}
 				b.add(c, at)
 			case "copying", "copied":
+				if t.streamed && t.commitLSN == 0 {
+					return streamable(t, tg)
+				}
 				a.backlog = append(a.backlog, backlogOf(tg.cfg.destText, t, c))
 			}
 			a.changes++

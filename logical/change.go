@@ -59,4 +59,10 @@ type txn struct {
 	changes   []change
 	size      int  // bytes of values held, for the memory budget
 	skip      bool // applied already (before a restart)
+
+	// A streamed transaction (protocol 2) arrives before it commits:
+	// commitLSN and commitAt are known only at its Stream Commit.
+	streamed bool
+	xid      uint32
+	firstLSN pglogrepl.LSN // where its first change was written
 }

@@ -34,6 +34,9 @@ type Config struct {
 	// are applied (a larger transaction is applied in pieces inside one
 	// destination transaction).
 	MemoryBudget int
+	// NoStreaming: never ask the source to stream transactions in
+	// progress (each is then sent, and applied, once it has committed).
+	NoStreaming bool
 	// WALWarnBytes: a slot retaining more WAL than this is warned about.
 	WALWarnBytes int64
 	// StatusInterval is how often the slot is acknowledged.
@@ -171,8 +174,10 @@ FROM mimeo.logical_source s ORDER BY 1`)
 func (e *Engine) runSource(ctx context.Context, dblink int) {
 	log := e.log.With("source", dblink)
 	pause := time.Second
+	var unstreamedAt time.Time // when the stream last fell back
 	for ctx.Err() == nil {
-		s := &stream{e: e, dblink: dblink, log: log}
+		mayStream := !e.cfg.NoStreaming && (unstreamedAt.IsZero() || time.Since(unstreamedAt) >= unstreamedFor)
+		s := &stream{e: e, dblink: dblink, log: log, mayStream: mayStream}
 		err := s.run(ctx)
 		switch {
 		case ctx.Err() != nil:
@@ -180,6 +185,13 @@ func (e *Engine) runSource(ctx context.Context, dblink int) {
 		case errors.Is(err, errNoTables), errors.Is(err, errBusy), errors.Is(err, errResync):
 			return
 		case errors.Is(err, errRestart):
+			pause = time.Second
+			continue
+		case errors.Is(err, errUnstreamed):
+			log.Info("logical stream starts again without streaming transactions in progress", "reason", err.Error(),
+				"streaming_again_after", unstreamedFor.String())
+			unstreamedAt = time.Now()
+			_ = s.fault("fell back from streaming")
 			pause = time.Second
 			continue
 		case err != nil:

@@ -26,14 +26,23 @@ func isRowMessage(b []byte) bool {
 	return len(b) > 0 && (b[0] == opInsert || b[0] == opUpdate || b[0] == opDelete)
 }
 
-// decodeRow decodes an 'I', 'U' or 'D' message of pgoutput's protocol 1.
-// The values are copied: b may be reused once it returns.
-func decodeRow(b []byte) (*rowMessage, error) {
-	if len(b) < 6 {
+// decodeRow decodes an 'I', 'U' or 'D' message of pgoutput's protocol 1,
+// or of protocol 2 outside a streamed block. The values are copied: b may
+// be reused once it returns.
+func decodeRow(b []byte) (*rowMessage, error) { return decodeRowAt(b, false) }
+
+// decodeRowAt decodes a row message; inStream says it came in a streamed
+// transaction's block, where a transaction id follows the message type.
+func decodeRowAt(b []byte, inStream bool) (*rowMessage, error) {
+	head := 5
+	if inStream {
+		head = 9
+	}
+	if len(b) < head+1 {
 		return nil, fmt.Errorf("pgoutput %q message of %d bytes is too short", b[:min(len(b), 1)], len(b))
 	}
-	m := &rowMessage{op: b[0], relID: binary.BigEndian.Uint32(b[1:5])}
-	p := b[5:]
+	m := &rowMessage{op: b[0], relID: binary.BigEndian.Uint32(b[head-4 : head])}
+	p := b[head:]
 	var err error
 	tuple := func() (vals []*string, unchanged []bool, n int) {
 		var size int

@@ -110,6 +110,28 @@ func TestDecodeRowMatchesPglogrepl(t *testing.T) {
 	}
 }
 
+// In a streamed transaction's block (protocol 2) a transaction id follows
+// the message type; the rest decodes as outside one.
+func TestDecodeRowInAStreamedBlock(t *testing.T) {
+	plain := rowBytes('U', byte('K'), tupleBytes(col{'t', "1"}), byte('N'), tupleBytes(col{'t', "2"}, col{'u', ""}))
+	streamed := append(binary.BigEndian.AppendUint32([]byte{plain[0]}, 991), plain[1:]...)
+	got, err := decodeRowAt(streamed, true)
+	require.NoError(t, err)
+	want, err := decodeRow(plain)
+	require.NoError(t, err)
+	require.Equal(t, want, got)
+	v2, err := pglogrepl.ParseV2(streamed, true)
+	require.NoError(t, err)
+	u, ok := v2.(*pglogrepl.UpdateMessageV2)
+	require.True(t, ok)
+	require.Equal(t, uint32(991), u.Xid)
+	require.Equal(t, u.RelationID, got.relID)
+	for n := range len(streamed) {
+		_, err := decodeRowAt(streamed[:n], true)
+		require.Error(t, err, "cut to %d of %d bytes", n, len(streamed))
+	}
+}
+
 func TestDecodeRowValuesOutliveTheBuffer(t *testing.T) {
 	b := rowBytes('I', byte('N'), tupleBytes(col{'t', "kept"}))
 	m, err := decodeRow(b)

@@ -29,7 +29,8 @@ type marker struct{ lsn pglogrepl.LSN }
 // (s.acked).
 func (s *stream) receive(ctx context.Context, out *handover) error {
 	var (
-		inTxn      bool
+		inTxn      bool // between BEGIN and COMMIT, or in a streamed block
+		inStream   bool // in a streamed block: messages carry a transaction id
 		nextStatus time.Time
 		sentAt     time.Time
 	)
@@ -147,9 +148,12 @@ func (s *stream) receive(ctx context.Context, out *handover) error {
 				return fmt.Errorf("parse WAL data: %w", err)
 			}
 			var msg any
-			if isRowMessage(x.WALData) {
-				msg, err = decodeRow(x.WALData)
-			} else {
+			switch {
+			case isRowMessage(x.WALData):
+				msg, err = decodeRowAt(x.WALData, inStream)
+			case s.streaming:
+				msg, err = parseV2(x.WALData, inStream, x.WALStart)
+			default:
 				msg, err = pglogrepl.Parse(x.WALData)
 			}
 			if err != nil {
@@ -162,6 +166,15 @@ func (s *stream) receive(ctx context.Context, out *handover) error {
 			case *pglogrepl.CommitMessage:
 				inTxn, commit = false, true
 				s.received = max(s.received, m.TransactionEndLSN)
+			case *streamStart:
+				inTxn, inStream = true, true
+			case streamStop:
+				inTxn, inStream, commit = false, false, true
+			case *pglogrepl.StreamCommitMessageV2:
+				commit = true
+				s.received = max(s.received, m.TransactionEndLSN)
+			case *pglogrepl.StreamAbortMessageV2:
+				commit = true
 			}
 			if err := send(msg, commit); err != nil {
 				return err

@@ -30,6 +30,9 @@ type stream struct {
 	acked  atomic.Uint64 // committed on the destination: what the slot may be acknowledged to
 	replyQ atomic.Bool   // ask the walsender for a keepalive (a sync point waits)
 
+	mayStream bool // ask for streaming, where the source has it
+	streaming bool // transactions in progress are streamed (protocol 2)
+
 	// The receiver's (and, once it has stopped, run's).
 	received pglogrepl.LSN // the end of what the walsender sent
 	sentAck  pglogrepl.LSN // the last flush position sent
@@ -111,9 +114,16 @@ FROM mimeo.logical_source WHERE dblink = $1`, s.dblink).Scan(&s.names.Slot, &s.n
 	if err := s.guard(ctx); err != nil {
 		return err
 	}
+	args := []string{"proto_version '1'"}
+	if s.mayStream && canStream(s.repl.ParameterStatus("server_version")) {
+		if args, err = startStreaming(ctx, s.repl, s.e.cfg.MemoryBudget/4); err != nil {
+			return err
+		}
+		s.streaming = true
+	}
 	err = pglogrepl.StartReplication(ctx, s.repl, s.names.Slot, s.start, pglogrepl.StartReplicationOptions{
 		Mode:       pglogrepl.LogicalReplication,
-		PluginArgs: []string{"proto_version '1'", "publication_names " + quoteLit(s.names.Publication)},
+		PluginArgs: append(args, "publication_names "+quoteLit(s.names.Publication)),
 	})
 	if err != nil {
 		if lost(err) {
@@ -121,7 +131,7 @@ FROM mimeo.logical_source WHERE dblink = $1`, s.dblink).Scan(&s.names.Slot, &s.n
 		}
 		return fmt.Errorf("start replication on slot %s: %w", s.names.Slot, err)
 	}
-	s.log.Info("logical stream started", "slot", s.names.Slot, "from", s.start.String())
+	s.log.Info("logical stream started", "slot", s.names.Slot, "from", s.start.String(), "streaming", s.streaming)
 	s.setStatus(ctx, "streaming", "")
 
 	ctx, cancel := context.WithCancelCause(ctx)
