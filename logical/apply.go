@@ -69,6 +69,9 @@ func (a *applier) run(ctx context.Context, items *handover) error {
 		case <-ctx.Done():
 			return context.Cause(ctx)
 		case batch := <-items.ch:
+			if r.stx != nil {
+				r.lastData = time.Now()
+			}
 			for i, item := range batch {
 				// More is coming when this batch or the hand-over holds it.
 				more := i < len(batch)-1 || items.pending()
@@ -85,8 +88,12 @@ func (a *applier) run(ctx context.Context, items *handover) error {
 				}
 			}
 		case <-idle.C:
-			if err := r.streamIdle(); err != nil {
-				return err
+			// Not idle while batches wait: one applied for long is not
+			// the source idling.
+			if !items.pending() {
+				if err := r.streamIdle(); err != nil {
+					return err
+				}
 			}
 			if r.cur == nil && !r.large {
 				if err := r.flushGroup(ctx); err != nil {
@@ -110,7 +117,7 @@ type runner struct {
 	// stx is the streamed transaction open, if any: cur while one of its
 	// blocks arrives.
 	stx      *txn
-	lastData time.Time // when the last streamed block started or ended
+	lastData time.Time // when stx's last block started or ended, or a batch came while it is open
 	// A group waits up to lingerMax for more transactions once the
 	// stream runs dry: one destination transaction then carries
 	// several, instead of one each at a rate it cannot keep up with.
