@@ -161,3 +161,23 @@ func TestLogicalSyncPointWhileAStreamedTransactionStaysOpen(t *testing.T) {
 	s.sync("public.t")
 	s.requireSame("public.t", "public.t")
 }
+
+// A table made from the same source table while a streamed transaction is
+// applied in pieces gets that transaction too (its copy waits for it, or
+// the stream falls back and hands it to the table's backlog).
+func TestLogicalTableMadeWhileATransactionIsStreamed(t *testing.T) {
+	t.Parallel()
+	s := setupStreaming(t)
+	tx := s.openBig(1, 20000)
+	id := s.request(`SELECT mimeo.logical_maker('public.t', $1, 'public.t_copy')`, s.dblink)
+	time.Sleep(300 * time.Millisecond) // the maker commits the table's config
+	_, err := tx.Exec(s.ctx, `UPDATE public.t SET v = 'u' WHERE id % 3 = 0`)
+	require.NoError(t, err)
+	require.NoError(t, tx.Commit(s.ctx))
+	o := s.await(id)
+	require.Equal(t, "done", o.Status, "error: %v", deref(o.Error))
+	s.sync("public.t")
+	s.sync("public.t_copy")
+	s.requireSame("public.t", "public.t")
+	s.requireSame("public.t", "public.t_copy")
+}

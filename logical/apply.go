@@ -69,7 +69,9 @@ func (a *applier) run(ctx context.Context, items *handover) error {
 		case <-ctx.Done():
 			return context.Cause(ctx)
 		case batch := <-items.ch:
-			if r.stx != nil {
+			// Data has arrived (a keepalive alone is the walsender
+			// answering the applier's own requests).
+			if _, alone := batch[0].(marker); r.stx != nil && (len(batch) > 1 || !alone) {
 				r.lastData = time.Now()
 			}
 			for i, item := range batch {

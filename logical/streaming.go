@@ -10,6 +10,8 @@ import (
 
 	"github.com/jackc/pglogrepl"
 	"github.com/jackc/pgx/v5/pgconn"
+
+	"github.com/mimeo-dev/mimeo/internal/ident"
 )
 
 // Streaming (pgoutput protocol 2, streaming 'on', PostgreSQL 14 and later):
@@ -152,7 +154,42 @@ func (r *runner) streamCommit(ctx context.Context, m *pglogrepl.StreamCommitMess
 		}
 		return nil
 	}
+	if r.large {
+		moved, err := r.a.targetsMoved(ctx)
+		if err != nil {
+			return r.a.failed(ctx, err)
+		}
+		if moved {
+			r.a.rollback(ctx)
+			return unstreamed("a table the streamed transaction went to was made, repulled or changed meanwhile")
+		}
+	}
 	return r.committed(ctx, done, m.TransactionEndLSN, m.CommitTime, more)
+}
+
+// targetsMoved reports whether the tables a streamed transaction's pieces
+// went to (read at its first piece, before the source committed it) are
+// still those its relations have now.
+func (a *applier) targetsMoved(ctx context.Context) (bool, error) {
+	if err := a.settle(); err != nil {
+		return false, err
+	}
+	for rel, was := range a.targets {
+		now, err := readTargets(ctx, a.tx, a.s.dblink, ident.Name{Schema: rel.schema, Table: rel.table})
+		if err != nil {
+			return false, err
+		}
+		if len(now) != len(was) {
+			return true, nil
+		}
+		for i, c := range now {
+			w := was[i].cfg
+			if c.destText != w.destText || c.state != w.state || c.startLSN != w.startLSN {
+				return true, nil
+			}
+		}
+	}
+	return false, nil
 }
 
 // streamIdle makes the stream fall back when a streamed transaction is open
