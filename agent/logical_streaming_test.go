@@ -68,26 +68,33 @@ func (s *streamingEnv) openBig(from, to int) pgx.Tx {
 	return tx
 }
 
+// commitBig runs stmts in tx, commits it, and requires public.t on the
+// destination to equal the source's after a sync point.
+func (s *streamingEnv) commitBig(tx pgx.Tx, stmts ...string) {
+	s.t.Helper()
+	for _, q := range stmts {
+		_, err := tx.Exec(s.ctx, q)
+		require.NoError(s.t, err, q)
+	}
+	require.NoError(s.t, tx.Commit(s.ctx))
+	s.sync("public.t")
+	s.requireSame("public.t", "public.t")
+}
+
 func TestLogicalStreamsALargeTransactionInProgress(t *testing.T) {
 	t.Parallel()
 	s := setupStreaming(t)
 	tx := s.openBig(1, 20000)
 	// Applied in a destination transaction that is not committed yet.
 	require.Zero(t, s.count("public.t"))
-	_, err := tx.Exec(s.ctx, `UPDATE public.t SET v = 'u' WHERE id % 3 = 0`)
-	require.NoError(t, err)
-	_, err = tx.Exec(s.ctx, `DELETE FROM public.t WHERE id % 7 = 0`)
-	require.NoError(t, err)
-	require.NoError(t, tx.Commit(s.ctx))
-	s.sync("public.t")
-	s.requireSame("public.t", "public.t")
+	s.commitBig(tx, `UPDATE public.t SET v = 'u' WHERE id % 3 = 0`, `DELETE FROM public.t WHERE id % 7 = 0`)
 	require.Zero(t, s.fallbacks.Load(), "the stream fell back from streaming")
 
 	// Stopped while one is streamed: nothing of it was committed, and
 	// the next agent gets it whole once it commits.
 	tx = s.openBig(20001, 40000)
 	s.stop()
-	_, err = tx.Exec(s.ctx, `UPDATE public.t SET v = 'again' WHERE id % 5 = 0`)
+	_, err := tx.Exec(s.ctx, `UPDATE public.t SET v = 'again' WHERE id % 5 = 0`)
 	require.NoError(t, err)
 	require.NoError(t, tx.Commit(s.ctx))
 	s.startAgent(s.streamingConfig())
@@ -114,19 +121,12 @@ func TestLogicalStreamedTransactionWithASubtransactionRolledBack(t *testing.T) {
 	t.Parallel()
 	s := setupStreaming(t)
 	tx := s.openBig(1, 10000)
-	for _, q := range []string{
+	s.commitBig(tx,
 		`SAVEPOINT s`,
 		`INSERT INTO public.t SELECT g, 'gone' FROM generate_series(10001, 20000) g`,
 		`UPDATE public.t SET v = 'gone' WHERE id < 100`,
 		`ROLLBACK TO SAVEPOINT s`,
-		`INSERT INTO public.t SELECT g, 'kept' FROM generate_series(20001, 25000) g`,
-	} {
-		_, err := tx.Exec(s.ctx, q)
-		require.NoError(t, err, q)
-	}
-	require.NoError(t, tx.Commit(s.ctx))
-	s.sync("public.t")
-	s.requireSame("public.t", "public.t")
+		`INSERT INTO public.t SELECT g, 'kept' FROM generate_series(20001, 25000) g`)
 	require.Positive(t, s.fallbacks.Load(), "the stream did not fall back")
 }
 
@@ -141,11 +141,7 @@ func TestLogicalStreamedTransactionWhileOthersCommit(t *testing.T) {
 	s.sync("public.other")
 	s.requireSame("public.other", "public.other")
 	s.requireSame("public.t", "public.t") // only the committed row
-	_, err := tx.Exec(s.ctx, `UPDATE public.t SET v = 'late' WHERE id % 2 = 0`)
-	require.NoError(t, err)
-	require.NoError(t, tx.Commit(s.ctx))
-	s.sync("public.t")
-	s.requireSame("public.t", "public.t")
+	s.commitBig(tx, `UPDATE public.t SET v = 'late' WHERE id % 2 = 0`)
 	require.Positive(t, s.fallbacks.Load(), "the stream did not fall back")
 }
 
@@ -157,9 +153,7 @@ func TestLogicalSyncPointWhileAStreamedTransactionStaysOpen(t *testing.T) {
 	tx := s.openBig(1, 20000)
 	s.sync("public.t")
 	s.requireSame("public.t", "public.t")
-	require.NoError(t, tx.Commit(s.ctx))
-	s.sync("public.t")
-	s.requireSame("public.t", "public.t")
+	s.commitBig(tx)
 }
 
 // A table made from the same source table while a streamed transaction is

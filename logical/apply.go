@@ -119,7 +119,7 @@ type runner struct {
 	// stx is the streamed transaction open, if any: cur while one of its
 	// blocks arrives.
 	stx      *txn
-	lastData time.Time // when stx's last block started or ended, or a batch came while it is open
+	lastData time.Time // when stx began, or last a batch with data came while it is open
 	// A group waits up to lingerMax for more transactions once the
 	// stream runs dry: one destination transaction then carries
 	// several, instead of one each at a rate it cannot keep up with.
@@ -143,8 +143,7 @@ func (r *runner) applyPiece(ctx context.Context, cur *txn) error {
 	if err != nil && cur.streamed {
 		// The source has not committed it: the stream without
 		// streaming decides, once it has, what fails.
-		_ = a.settle()
-		a.rollback(ctx)
+		r.abandon(ctx)
 		if !errors.Is(err, errUnstreamed) {
 			err = unstreamed(err.Error())
 		}
@@ -392,6 +391,7 @@ func (a *applier) applyGroup(ctx context.Context, group []*txn) error {
 // feed routes a transaction's held changes to the tables they go to.
 func (a *applier) feed(ctx context.Context, t *txn) error {
 	at := t.commitAt.UTC().Format(time.RFC3339Nano)
+	uncommitted := t.streamed && t.commitLSN == 0 // a streamed piece: see streamable
 	for _, c := range t.changes {
 		targets, err := a.targetsOf(ctx, c.rel)
 		if err != nil {
@@ -400,7 +400,7 @@ func (a *applier) feed(ctx context.Context, t *txn) error {
 		for _, tg := range targets {
 			switch tg.cfg.state {
 			case "ready":
-				if t.streamed && t.commitLSN == 0 {
+				if uncommitted {
 					if err := streamable(t, tg); err != nil {
 						return err
 					}
@@ -427,7 +427,7 @@ func (a *applier) feed(ctx context.Context, t *txn) error {
 				}
 				b.add(c, at)
 			case "copying", "copied":
-				if t.streamed && t.commitLSN == 0 {
+				if uncommitted {
 					return streamable(t, tg)
 				}
 				a.backlog = append(a.backlog, backlogOf(tg.cfg.destText, t, c))

@@ -111,9 +111,16 @@ func (r *runner) streamStart(ctx context.Context, m *streamStart) error {
 }
 
 // streamStop handles the end of a streamed block.
-func (r *runner) streamStop() {
-	r.cur = nil
-	r.lastData = time.Now()
+func (r *runner) streamStop() { r.cur = nil }
+
+// abandon rolls back the destination transaction of a streamed transaction
+// applied in pieces, if it has one (what its pieces did is moot).
+func (r *runner) abandon(ctx context.Context) {
+	if r.large {
+		_ = r.a.settle()
+		r.a.rollback(ctx)
+		r.large = false
+	}
 }
 
 // streamAbort handles a streamed transaction's (or subtransaction's)
@@ -126,11 +133,7 @@ func (r *runner) streamAbort(ctx context.Context, m *pglogrepl.StreamAbortMessag
 		// Its changes cannot be told from the rest's.
 		return unstreamed("a subtransaction of a streamed transaction was rolled back")
 	}
-	if r.large {
-		_ = r.a.settle() // moot: the source rolled it back
-		r.a.rollback(ctx)
-		r.large = false
-	}
+	r.abandon(ctx)
 	r.a.s.log.Debug("a streamed source transaction was rolled back", "xid", m.Xid)
 	r.stx, r.cur = nil, nil
 	return nil
@@ -146,12 +149,7 @@ func (r *runner) streamCommit(ctx context.Context, m *pglogrepl.StreamCommitMess
 	r.stx = nil
 	done.commitLSN = m.CommitLSN
 	if done.commitLSN < r.a.applied {
-		// Applied before a restart.
-		if r.large {
-			_ = r.a.settle()
-			r.a.rollback(ctx)
-			r.large = false
-		}
+		r.abandon(ctx) // applied before a restart
 		return nil
 	}
 	if r.large {
@@ -160,7 +158,7 @@ func (r *runner) streamCommit(ctx context.Context, m *pglogrepl.StreamCommitMess
 			return r.a.failed(ctx, err)
 		}
 		if moved {
-			r.a.rollback(ctx)
+			r.abandon(ctx)
 			return unstreamed("a table the streamed transaction went to was made, repulled or changed meanwhile")
 		}
 	}
