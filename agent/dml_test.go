@@ -2,12 +2,14 @@ package agent_test
 
 import (
 	"fmt"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/stretchr/testify/require"
 )
 
@@ -348,4 +350,50 @@ func TestDMLRepullFailureKeepsTheQueue(t *testing.T) {
 	require.Eventually(t, func() bool {
 		return e.src.QueryRow(e.ctx, `SELECT count(*) FROM mimeo.`+queueName(t, e)).Scan(&queued) == nil && queued == 0
 	}, 10*time.Second, 20*time.Millisecond, "a repull removes the queue entries its snapshot covers")
+}
+
+// A batch is the next entries in row address order, whatever plan the
+// source picks for reading them: a parallel scan (made cheap here) returns
+// them out of order (the more so without the leader), and a batch that took a range wider than the entries
+// it removes would apply entries twice and overrun its limit.
+func TestDMLBatchesKeepTheirLimitUnderAParallelScan(t *testing.T) {
+	t.Parallel()
+	e := setup(t)
+	e.exec(e.app, `CREATE TABLE public.t (id int PRIMARY KEY, v int, pad text)`)
+	e.exec(e.app, `INSERT INTO public.t SELECT g, g, repeat('x', 200) FROM generate_series(1, 4000) g`)
+	e.prepareTriggers("public.t")
+	e.exec(e.src, `DO $$ BEGIN
+    EXECUTE format('ALTER DATABASE %I SET parallel_setup_cost = 0', current_database());
+    EXECUTE format('ALTER DATABASE %I SET parallel_tuple_cost = 0', current_database());
+    EXECUTE format('ALTER DATABASE %I SET min_parallel_table_scan_size = 0', current_database());
+    EXECUTE format('ALTER DATABASE %I SET parallel_leader_participation = off', current_database());
+END $$`)
+	e.startAgent(e.config())
+	e.done(`SELECT mimeo.dml_maker('public.t', $1)`, e.dblink)
+	q := "mimeo." + queueName(t, e)
+	e.exec(e.src, `ALTER TABLE `+q+` SET (parallel_workers = 2)`)
+	// Many queue pages: each update queues one entry per key.
+	for i := 0; i < 3; i++ {
+		e.exec(e.app, `UPDATE t SET v = v + 1`)
+	}
+	// What the source would pick for a batch's read, with those settings.
+	tx, err := e.src.Begin(e.ctx)
+	require.NoError(t, err)
+	defer func() { _ = tx.Rollback(e.ctx) }()
+	var plan string
+	require.NoError(t, tx.QueryRow(e.ctx, `SELECT set_config('parallel_setup_cost', '0', true), set_config('parallel_tuple_cost', '0', true),
+    set_config('min_parallel_table_scan_size', '0', true)`).Scan(&plan, &plan, &plan))
+	rows, err := tx.Query(e.ctx, `EXPLAIN SELECT ctid FROM `+q+` WHERE ctid > '(0,0)' AND mimeo_truncated IS NULL LIMIT 1000`)
+	require.NoError(t, err)
+	lines, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	require.NoError(t, err)
+	require.Contains(t, strings.Join(lines, "\n"), "Parallel Seq Scan", "the test needs a parallel plan")
+	require.NoError(t, tx.Rollback(e.ctx))
+
+	o := e.done(`SELECT mimeo.refresh_dml('public.t', p_limit => 1000)`)
+	require.Contains(t, *o.Message, "replayed 12 batches; 12000 rows written", "each entry applied once, 1000 a batch")
+	var queued int
+	require.NoError(t, e.src.QueryRow(e.ctx, `SELECT count(*) FROM `+q).Scan(&queued))
+	require.Zero(t, queued)
+	e.requireSame("public.t", "public.t")
 }

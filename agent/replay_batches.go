@@ -158,23 +158,12 @@ func readBatch(ctx context.Context, src *pgxpool.Conn, cfg *queueConfig, st *sou
 	if err := tx.QueryRow(ctx, `SELECT pg_relation_filenode($1::regclass)::oid`, q).Scan(&b.filenode); err != nil {
 		return nil, fmt.Errorf("read queued changes: %w", err)
 	}
-	rows, err := tx.Query(ctx, "SELECT ctid FROM "+q+" WHERE ctid > $1::tid AND "+ident.Quote(triggers.ColTruncated)+" IS NULL LIMIT $2", from, limit)
-	if err != nil {
-		return nil, fmt.Errorf("read queued changes: %w", err)
-	}
-	if b.tids, err = pgx.CollectRows(rows, pgx.RowTo[pgtype.TID]); err != nil {
+	if b.tids, b.to, err = batchEntries(ctx, tx, q, from, limit); err != nil {
 		return nil, fmt.Errorf("read queued changes: %w", err)
 	}
 	if len(b.tids) == 0 {
 		return nil, nil
 	}
-	last := b.tids[0]
-	for _, t := range b.tids[1:] {
-		if t.BlockNumber > last.BlockNumber || (t.BlockNumber == last.BlockNumber && t.OffsetNumber > last.OffsetNumber) {
-			last = t
-		}
-	}
-	b.to = tidText(last)
 	b.rows = newSpool()
 	if cfg.Type != "dml" {
 		b.deleted = newSpool()
@@ -201,6 +190,56 @@ func readBatch(ctx context.Context, src *pgxpool.Conn, cfg *queueConfig, st *sou
 		return nil, fmt.Errorf("read queued changes: %w", err)
 	}
 	return b, nil
+}
+
+// batchEntries reads, in the read transaction tx, the next at most limit
+// entries of queue q after from, and the row address of the last: they
+// must be exactly the entries in (from, to], as the batch's rows are read
+// by that range and its entries removed by those addresses. A LIMIT alone
+// does not promise the first entries in address order (a parallel or
+// synchronized scan starts elsewhere in the table, and then entries of the
+// range would be applied but stay queued), so the scan is kept serial and
+// the range counted; should it hold more, the first limit entries of the
+// range are read in address order instead.
+func batchEntries(ctx context.Context, tx pgx.Tx, q, from string, limit int) ([]pgtype.TID, string, error) {
+	if _, err := tx.Exec(ctx, `SELECT set_config('max_parallel_workers_per_gather', '0', true), set_config('synchronize_seqscans', 'off', true)`); err != nil {
+		return nil, "", err
+	}
+	notMarker := ident.Quote(triggers.ColTruncated) + " IS NULL"
+	read := func(sql string, args ...any) ([]pgtype.TID, error) {
+		rows, err := tx.Query(ctx, sql, args...)
+		if err != nil {
+			return nil, err
+		}
+		return pgx.CollectRows(rows, pgx.RowTo[pgtype.TID])
+	}
+	tids, err := read("SELECT ctid FROM "+q+" WHERE ctid > $1::tid AND "+notMarker+" LIMIT $2", from, limit)
+	if err != nil || len(tids) == 0 {
+		return nil, "", err
+	}
+	last := tids[0]
+	for _, t := range tids[1:] {
+		if tidAfter(t, last) {
+			last = t
+		}
+	}
+	to := tidText(last)
+	var inRange int
+	if err := tx.QueryRow(ctx, "SELECT count(*) FROM "+q+" WHERE "+entriesIn("", from, to)).Scan(&inRange); err != nil {
+		return nil, "", err
+	}
+	if inRange == len(tids) {
+		return tids, to, nil
+	}
+	if tids, err = read("SELECT ctid FROM "+q+" WHERE "+entriesIn("", from, to)+" ORDER BY ctid LIMIT $1", limit); err != nil {
+		return nil, "", err
+	}
+	return tids, tidText(tids[len(tids)-1]), nil
+}
+
+// tidAfter reports whether row address a comes after b.
+func tidAfter(a, b pgtype.TID) bool {
+	return a.BlockNumber > b.BlockNumber || (a.BlockNumber == b.BlockNumber && a.OffsetNumber > b.OffsetNumber)
 }
 
 // removeEntries deletes a committed batch's entries from the queue by row
