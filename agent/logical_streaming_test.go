@@ -1,6 +1,7 @@
 package agent_test
 
 import (
+	"fmt"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -19,11 +20,12 @@ type streamingEnv struct {
 	*env
 	pieces, fallbacks atomic.Int64
 	stop              func()
+	metrics           string // the agents' metrics address
 }
 
 func setupStreaming(t *testing.T, tables ...string) *streamingEnv {
 	t.Helper()
-	s := &streamingEnv{env: setupLogical(t)}
+	s := &streamingEnv{env: setupLogical(t), metrics: freeAddr(t)}
 	for _, tbl := range append([]string{"public.t"}, tables...) {
 		s.exec(s.app, `CREATE TABLE `+tbl+` (id int PRIMARY KEY, v text)`)
 	}
@@ -40,6 +42,7 @@ func setupStreaming(t *testing.T, tables ...string) *streamingEnv {
 func (s *streamingEnv) streamingConfig() agent.Config {
 	cfg := s.config()
 	cfg.LogicalMemory = 64 << 10
+	cfg.MetricsAddr = s.metrics
 	cfg.LogicalFaults = func(point string) error {
 		switch point {
 		case "applied a piece":
@@ -128,6 +131,8 @@ func TestLogicalStreamedTransactionWithASubtransactionRolledBack(t *testing.T) {
 		`ROLLBACK TO SAVEPOINT s`,
 		`INSERT INTO public.t SELECT g, 'kept' FROM generate_series(20001, 25000) g`)
 	require.Positive(t, s.fallbacks.Load(), "the stream did not fall back")
+	counted := fmt.Sprintf(`mimeo_logical_streaming_fallbacks_total{source="%d"} %d`, s.dblink, s.fallbacks.Load())
+	require.Contains(t, scrape(s.metrics), counted)
 }
 
 // Other transactions committing while a streamed one is open are applied

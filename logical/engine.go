@@ -191,6 +191,7 @@ func (e *Engine) runSource(ctx context.Context, dblink int) {
 			log.Info("logical stream starts again without streaming transactions in progress", "reason", err.Error(),
 				"streaming_again_after", unstreamedFor.String())
 			unstreamedAt = time.Now()
+			e.metrics.unstream.WithLabelValues(label(dblink)).Inc()
 			_ = s.fault("fell back from streaming")
 			pause = time.Second
 			continue

@@ -15,6 +15,7 @@ type Metrics struct {
 	changes  *prometheus.CounterVec
 	txns     *prometheus.CounterVec
 	failed   *prometheus.CounterVec
+	unstream *prometheus.CounterVec
 }
 
 // NewMetrics creates the series and registers them with reg (when not nil).
@@ -44,9 +45,13 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Name: "mimeo_logical_table_failures_total",
 			Help: "Tables marked failed (their changes stop until a repull).",
 		}, []string{"source"}),
+		unstream: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "mimeo_logical_streaming_fallbacks_total",
+			Help: "Times the stream gave up streaming a transaction in progress and started again without streaming.",
+		}, []string{"source"}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.retained, m.resync, m.lag, m.changes, m.txns, m.failed)
+		reg.MustRegister(m.retained, m.resync, m.lag, m.changes, m.txns, m.failed, m.unstream)
 	}
 	return m
 }
