@@ -315,6 +315,50 @@ func TestLogicalTransactionLargerThanTheMemoryBudget(t *testing.T) {
 	require.Greater(t, pieces.Load(), int64(10), "the transaction was applied in pieces")
 }
 
+// Pieces large enough to be staged (their rows encoded while the piece
+// before runs): a plain table, a logdel one and one with a condition take
+// inserts, updates, deletes and key changes in one large transaction.
+func TestLogicalLargeTransactionInStagedPieces(t *testing.T) {
+	t.Parallel()
+	e := setupLogical(t)
+	for _, tbl := range []string{"public.t", "public.l", "public.c"} {
+		e.exec(e.app, `CREATE TABLE `+tbl+` (id int PRIMARY KEY, v text)`)
+		e.exec(e.app, `INSERT INTO `+tbl+` SELECT g, 'old' FROM generate_series(-2000, 0) g`)
+	}
+	cfg := e.config()
+	cfg.LogicalMemory = 1 << 20 // pieces of 256 kB: thousands of rows
+	var pieces atomic.Int64
+	cfg.LogicalFaults = func(point string) error {
+		if point == "applied a piece" {
+			pieces.Add(1)
+		}
+		return nil
+	}
+	e.startAgent(cfg)
+	e.done(`SELECT mimeo.logical_maker('public.t', $1)`, e.dblink)
+	e.done(`SELECT mimeo.logical_maker('public.l', $1, p_logdel => true)`, e.dblink)
+	e.done(`SELECT mimeo.logical_maker('public.c', $1, p_condition => 'id % 10 <> 0')`, e.dblink)
+	var stmts []string
+	for _, tbl := range []string{"public.t", "public.l", "public.c"} {
+		stmts = append(stmts,
+			`INSERT INTO `+tbl+` SELECT g, md5(g::text) FROM generate_series(1, 20000) g`,
+			`UPDATE `+tbl+` SET v = 'u' WHERE id % 3 = 0`,
+			`DELETE FROM `+tbl+` WHERE id % 7 = 0`,
+			`UPDATE `+tbl+` SET id = id + 100000 WHERE id % 11 = 0`)
+	}
+	e.exec(e.app, "BEGIN; "+strings.Join(stmts, "; ")+"; COMMIT")
+	for _, tbl := range []string{"public.t", "public.l", "public.c"} {
+		e.sync(tbl)
+	}
+	require.Greater(t, pieces.Load(), int64(5), "the transaction was applied in pieces")
+	e.requireSame("public.t", "public.t")
+	e.requireSame("public.l", "(SELECT id, v FROM public.l WHERE mimeo_source_deleted IS NULL)")
+	e.requireSame("(SELECT * FROM public.c WHERE id % 10 <> 0)", "public.c")
+	var kept int
+	require.NoError(t, e.dst.QueryRow(e.ctx, `SELECT count(*) FROM public.l WHERE mimeo_source_deleted IS NOT NULL`).Scan(&kept))
+	require.Positive(t, kept, "logdel keeps the deleted rows")
+}
+
 // A table that fails in a piece of a large transaction (its statements run
 // while the next piece is folded) fails alone, as in a small one.
 func TestLogicalTableFailingInALargeTransactionDoesNotStopItsSiblings(t *testing.T) {

@@ -138,6 +138,7 @@ func (r *runner) applyPiece(ctx context.Context, cur *txn) error {
 	cur.changes, cur.size = make([]change, 0, len(part.changes)), 0
 	err := a.feed(ctx, &part)
 	if err == nil {
+		a.prepare()
 		err = a.settle()
 	}
 	if err != nil && cur.streamed {
@@ -512,8 +513,16 @@ func (a *applier) settle() error {
 	return a.s.fault("applied a piece")
 }
 
+// prepare builds the batches' arrays, while a piece may still run.
+func (a *applier) prepare() {
+	for _, b := range a.batches {
+		b.prepare()
+	}
+}
+
 // flushBatches applies what the batches hold, inside the transaction.
 func (a *applier) flushBatches(ctx context.Context) error {
+	a.prepare()
 	if err := a.settle(); err != nil {
 		return err
 	}

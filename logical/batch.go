@@ -33,6 +33,7 @@ type segment struct {
 	order      []string
 	move       *rowOp    // a key-changing partial update, alone in its segment
 	moveFrom   []*string // its old key
+	prep       *prepared // its rows in arrays, once built
 }
 
 // tableBatch collects one destination table's changes in a destination

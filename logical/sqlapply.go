@@ -34,6 +34,7 @@ func (b *tableBatch) apply(ctx context.Context, tx pgx.Tx) (int64, error) {
 type arrays struct {
 	args []any
 	cols [][]*string
+	text []byte // the rows in COPY's text format, when encoded ahead
 }
 
 // newArrays makes n columns with room for rows values each.
@@ -97,21 +98,12 @@ func (b *tableBatch) applySegment(ctx context.Context, tx pgx.Tx, s *segment) (i
 	}
 	// Deletes: a removed key loses its row (logdel: its live row); a full
 	// row replaces what its key has in the merge below.
-	var all, liveOnly [][]*string
-	for _, k := range s.order {
-		op := s.ops[k]
-		switch {
-		case op.kind == rowRemove && !p.cfg.logdel:
-			all = append(all, op.key)
-		case op.kind == rowRemove:
-			liveOnly = append(liveOnly, op.key)
-		}
-	}
-	for i, set := range [][][]*string{all, liveOnly} {
-		if len(set) == 0 {
+	pr := p.prepare(s)
+	for i, set := range pr.removed {
+		if set == nil {
 			continue
 		}
-		from, args, err := p.stages.rows(ctx, tx, p.keyArrays(set))
+		from, args, err := p.stages.rows(ctx, tx, set)
 		if err != nil {
 			return 0, err
 		}
@@ -241,34 +233,15 @@ func (p *plan) insertRows(ctx context.Context, tx pgx.Tx, s *segment, withCondit
 	if !withCondition {
 		cond = ""
 	}
+	var a *arrays
 	var srcCols []int // relation columns staged
-	if cond != "" {
-		for i := range p.rel.columns {
-			srcCols = append(srcCols, i)
-		}
+	if withCondition && s.prep != nil {
+		a, srcCols = s.prep.full, s.prep.fullCols
 	} else {
-		for _, c := range p.cols {
-			srcCols = append(srcCols, c.src)
-		}
+		a, srcCols = p.fullRows(s, cond != "")
 	}
-	count := s.count(rowFull)
-	if count == 0 {
+	if a == nil {
 		return 0, nil
-	}
-	a := newArrays(len(srcCols)+1, count)
-	for _, k := range s.order {
-		op := s.ops[k]
-		if op.kind != rowFull {
-			continue
-		}
-		for i, j := range srcCols {
-			var v *string
-			if j < len(op.tuple) {
-				v = op.tuple[j]
-			}
-			a.cols[i] = append(a.cols[i], v)
-		}
-		a.cols[len(srcCols)] = append(a.cols[len(srcCols)], op.deletedAt)
 	}
 	from, args, err := p.stages.rows(ctx, tx, a)
 	if err != nil {
@@ -303,6 +276,93 @@ func (p *plan) insertRows(ctx context.Context, tx pgx.Tx, s *segment, withCondit
 		return 0, fmt.Errorf("insert changed rows: %w", err)
 	}
 	return tag.RowsAffected(), nil
+}
+
+// fullRows puts the segment's full rows into arrays (nil when it has
+// none): the destination's columns, or with the condition every relation
+// column; and last, when each was deleted (logdel). It also returns the
+// relation columns held.
+func (p *plan) fullRows(s *segment, withCondition bool) (*arrays, []int) {
+	var srcCols []int
+	if withCondition {
+		for i := range p.rel.columns {
+			srcCols = append(srcCols, i)
+		}
+	} else {
+		for _, c := range p.cols {
+			srcCols = append(srcCols, c.src)
+		}
+	}
+	count := s.count(rowFull)
+	if count == 0 {
+		return nil, srcCols
+	}
+	a := newArrays(len(srcCols)+1, count)
+	for _, k := range s.order {
+		op := s.ops[k]
+		if op.kind != rowFull {
+			continue
+		}
+		for i, j := range srcCols {
+			var v *string
+			if j < len(op.tuple) {
+				v = op.tuple[j]
+			}
+			a.cols[i] = append(a.cols[i], v)
+		}
+		a.cols[len(srcCols)] = append(a.cols[len(srcCols)], op.deletedAt)
+	}
+	return a, srcCols
+}
+
+// prepared is a segment's rows in arrays, built (and encoded for a staging
+// table) before its statements run: for a piece of a large transaction,
+// while the piece before it runs on the destination.
+type prepared struct {
+	removed  [2]*arrays // keys removed: every row's, live rows' only (logdel)
+	full     *arrays    // full rows, through the condition (insertFull)
+	fullCols []int      // the relation columns full holds
+}
+
+// prepare builds the segment's arrays, once.
+func (p *plan) prepare(s *segment) *prepared {
+	if s.prep != nil {
+		return s.prep
+	}
+	pr := &prepared{}
+	var sets [2][][]*string
+	for _, k := range s.order {
+		if op := s.ops[k]; op.kind == rowRemove {
+			i := 0
+			if p.cfg.logdel {
+				i = 1
+			}
+			sets[i] = append(sets[i], op.key)
+		}
+	}
+	for i, set := range sets {
+		if len(set) > 0 {
+			pr.removed[i] = p.keyArrays(set)
+		}
+	}
+	pr.full, pr.fullCols = p.fullRows(s, p.cfg.condition != "")
+	s.prep = pr
+	return pr
+}
+
+// prepare builds the arrays of the batch's segments and encodes those
+// large enough to be staged. It only reads the plan, so it may run while
+// another batch's statements do.
+func (b *tableBatch) prepare() {
+	for _, s := range b.segs {
+		if s.move != nil {
+			continue
+		}
+		pr := b.plan.prepare(s)
+		for _, a := range []*arrays{pr.removed[0], pr.removed[1], pr.full} {
+			a.encodeAhead()
+		}
+	}
 }
 
 // updatePartial updates rows whose UPDATE left TOASTed values unchanged:

@@ -62,20 +62,40 @@ func (st *stages) rows(ctx context.Context, tx pgx.Tx, a *arrays) (string, []any
 		}
 	}
 	st.used[w] = true
-	st.buf.Reset()
-	for i := range n {
-		for j, c := range a.cols {
-			if j > 0 {
-				st.buf.WriteByte('\t')
-			}
-			copyText(&st.buf, c[i])
-		}
-		st.buf.WriteByte('\n')
+	data := a.text
+	if data == nil {
+		st.buf.Reset()
+		a.writeText(&st.buf)
+		data = st.buf.Bytes()
 	}
-	if _, err := tx.Conn().PgConn().CopyFrom(ctx, bytes.NewReader(st.buf.Bytes()), "COPY "+table+" FROM STDIN"); err != nil {
+	if _, err := tx.Conn().PgConn().CopyFrom(ctx, bytes.NewReader(data), "COPY "+table+" FROM STDIN"); err != nil {
 		return "", nil, fmt.Errorf("stage %d rows: %w", n, err)
 	}
 	return table + " u", nil, nil
+}
+
+// writeText writes the rows in COPY's text format.
+func (a *arrays) writeText(b *bytes.Buffer) {
+	for i := range a.len() {
+		for j, c := range a.cols {
+			if j > 0 {
+				b.WriteByte('\t')
+			}
+			copyText(b, c[i])
+		}
+		b.WriteByte('\n')
+	}
+}
+
+// encodeAhead encodes the rows for a staging table now, when they are
+// enough to be staged (a nil a does nothing).
+func (a *arrays) encodeAhead() {
+	if a == nil || a.text != nil || a.len() < stageMin {
+		return
+	}
+	var b bytes.Buffer
+	a.writeText(&b)
+	a.text = b.Bytes()
 }
 
 // create makes a staging table of w text columns inside tx (under a

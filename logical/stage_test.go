@@ -31,3 +31,29 @@ func deref(s *string) string {
 	}
 	return *s
 }
+
+func TestEncodeAheadOnlyWhatIsStaged(t *testing.T) {
+	str := func(s string) *string { return &s }
+	fill := func(n int) *arrays {
+		a := newArrays(2, n)
+		for i := range n {
+			a.cols[0] = append(a.cols[0], str("k\t"+string(rune('a'+i%26))))
+			a.cols[1] = append(a.cols[1], nil)
+		}
+		return a
+	}
+	small := fill(stageMin - 1)
+	small.encodeAhead()
+	if small.text != nil {
+		t.Errorf("%d rows, sent as arrays, were encoded", small.len())
+	}
+	big := fill(stageMin)
+	big.encodeAhead()
+	var want bytes.Buffer
+	big.writeText(&want)
+	if !bytes.Equal(big.text, want.Bytes()) || !bytes.HasPrefix(big.text, []byte("k\\ta\t\\N\nk\\tb\t\\N\n")) {
+		t.Errorf("encoded ahead: %q...", big.text[:min(40, len(big.text))])
+	}
+	var none *arrays
+	none.encodeAhead() // a segment without such rows
+}
