@@ -113,6 +113,15 @@ func (r *run) complete(ctx context.Context, tx pgx.Tx, rows int64, message strin
 	if !ok {
 		return errTakenOver
 	}
+	// The job ends with the request: whoever sees the request done finds
+	// its job ended too.
+	status := jobOK
+	if r.warning {
+		status = jobWarning
+	}
+	if _, err := tx.Exec(ctx, sqlJobEnd, r.job.id, status, rows); err != nil {
+		return fmt.Errorf("close job log: %w", err)
+	}
 	r.completed, r.rows, r.message = true, rows, message
 	return nil
 }
