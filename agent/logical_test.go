@@ -15,6 +15,7 @@ import (
 
 	"github.com/stretchr/testify/require"
 
+	"github.com/mimeo-dev/mimeo/agent"
 	"github.com/mimeo-dev/mimeo/internal/pgtest"
 )
 
@@ -293,19 +294,26 @@ func TestLogicalFailingTableDoesNotStopItsSiblings(t *testing.T) {
 	e.requireSame("public.b", "public.b")
 }
 
-func TestLogicalTransactionLargerThanTheMemoryBudget(t *testing.T) {
-	t.Parallel()
-	e := setupLogical(t)
-	e.exec(e.app, `CREATE TABLE public.t (id int PRIMARY KEY, v text)`)
+// piecesConfig is an agent config with a logical memory budget of memory
+// bytes, and the count of pieces of large transactions it applies.
+func (e *env) piecesConfig(memory int) (agent.Config, *atomic.Int64) {
 	cfg := e.config()
-	cfg.LogicalMemory = 64 << 10
-	var pieces atomic.Int64
+	cfg.LogicalMemory = memory
+	pieces := new(atomic.Int64)
 	cfg.LogicalFaults = func(point string) error {
 		if point == "applied a piece" {
 			pieces.Add(1)
 		}
 		return nil
 	}
+	return cfg, pieces
+}
+
+func TestLogicalTransactionLargerThanTheMemoryBudget(t *testing.T) {
+	t.Parallel()
+	e := setupLogical(t)
+	e.exec(e.app, `CREATE TABLE public.t (id int PRIMARY KEY, v text)`)
+	cfg, pieces := e.piecesConfig(64 << 10)
 	e.startAgent(cfg)
 	e.done(`SELECT mimeo.logical_maker('public.t', $1)`, e.dblink)
 	e.exec(e.app, `BEGIN; INSERT INTO public.t SELECT g, md5(g::text) FROM generate_series(1, 30000) g;
@@ -325,15 +333,7 @@ func TestLogicalLargeTransactionInStagedPieces(t *testing.T) {
 		e.exec(e.app, `CREATE TABLE `+tbl+` (id int PRIMARY KEY, v text)`)
 		e.exec(e.app, `INSERT INTO `+tbl+` SELECT g, 'old' FROM generate_series(-2000, 0) g`)
 	}
-	cfg := e.config()
-	cfg.LogicalMemory = 1 << 20 // pieces of 256 kB: thousands of rows
-	var pieces atomic.Int64
-	cfg.LogicalFaults = func(point string) error {
-		if point == "applied a piece" {
-			pieces.Add(1)
-		}
-		return nil
-	}
+	cfg, pieces := e.piecesConfig(1 << 20) // pieces of 256 kB: thousands of rows
 	e.startAgent(cfg)
 	e.done(`SELECT mimeo.logical_maker('public.t', $1)`, e.dblink)
 	e.done(`SELECT mimeo.logical_maker('public.l', $1, p_logdel => true)`, e.dblink)
