@@ -111,11 +111,12 @@ func (a *applier) run(ctx context.Context, items *handover) error {
 
 // runner is the applier's state between messages.
 type runner struct {
-	a     *applier
-	cur   *txn   // the transaction being received
-	group []*txn // complete transactions not applied yet
-	size  int
-	large bool // cur (or stx) is being applied in pieces, in a.tx
+	a       *applier
+	cur     *txn   // the transaction being received
+	group   []*txn // complete transactions not applied yet
+	size    int
+	large   bool      // cur (or stx) is being applied in pieces, in a.tx
+	largeAt time.Time // when its first piece was applied
 	// stx is the streamed transaction open, if any: cur while one of its
 	// blocks arrives.
 	stx      *txn
@@ -226,7 +227,7 @@ func (r *runner) handle(ctx context.Context, item any, more bool) error {
 			if err := a.begin(ctx); err != nil {
 				return err
 			}
-			r.large = true
+			r.large, r.largeAt = true, time.Now()
 			if cur.streamed {
 				a.s.log.Info("applying a large source transaction in pieces as it is streamed", "xid", cur.xid)
 			} else {
@@ -276,7 +277,8 @@ func (r *runner) committed(ctx context.Context, done *txn, endLSN pglogrepl.LSN,
 		if err := a.commit(ctx, []*txn{done}); err != nil {
 			return a.failed(ctx, err)
 		}
-		a.s.log.Debug("applied a large source transaction", "commit_lsn", done.commitLSN.String(), "changes", a.changes)
+		a.s.log.Info("applied a large source transaction", "commit_lsn", done.commitLSN.String(), "changes", a.changes,
+			"duration", time.Since(r.largeAt).Round(time.Millisecond).String())
 		return nil
 	}
 	if len(r.group) == 0 {
