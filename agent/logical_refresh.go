@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"strings"
 	"time"
@@ -45,12 +46,37 @@ func (a *Agent) refreshLogical(ctx context.Context, r *run) error {
 	if err := a.waitForStream(ctx, r, cfg.Dblink, target); err != nil {
 		return fail(err)
 	}
+	if err := a.checkLogicalColumns(ctx, r, cfg.Dblink); err != nil {
+		return fail(err)
+	}
 	return withTx(ctx, r.dst, func(tx pgx.Tx) error {
 		if _, err := tx.Exec(ctx, sqlRecordRun, r.req.DestTable, r.started); err != nil {
 			return err
 		}
 		return r.complete(ctx, tx, 0, "applied everything the source committed up to "+target)
 	})
+}
+
+// checkLogicalColumns fails the table, and the sync point, when the source
+// table's columns changed in a way its copy cannot follow: the stream
+// would find it only with the table's next change, and until then the
+// sync point would call the copy current.
+func (a *Agent) checkLogicalColumns(ctx context.Context, r *run, dblink int) error {
+	src, _, err := a.sources.acquire(ctx, r.dst, dblink)
+	if err != nil {
+		return err
+	}
+	why, err := logical.ColumnDrift(ctx, src, r.dst, r.req.DestTable)
+	src.Release()
+	if err != nil || why == "" {
+		return err
+	}
+	r.log.Error("logical table failed; it gets no changes until a repull", "error", why)
+	if _, err := r.dst.Exec(ctx, `UPDATE ONLY mimeo.refresh_config_logical SET state = 'failed', state_detail = $2
+WHERE dest_table = $1 AND state IN ('ready', 'copied')`, r.req.DestTable, why); err != nil {
+		return fmt.Errorf("%s; and cannot mark the table failed: %w", why, err)
+	}
+	return errors.New(why)
 }
 
 // walInsertLSN is the source's WAL insert position: every transaction

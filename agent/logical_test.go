@@ -418,6 +418,35 @@ func TestLogicalSourceColumnAdded(t *testing.T) {
 	e.requireSame("public.t", "public.t")
 }
 
+// TestLogicalSyncPointSeesAColumnTheStreamHasNot: pgoutput describes a
+// table only with its next change, so after an ALTER TABLE on an idle table
+// the stream knows nothing of it; the sync point must not call the copy
+// current when the new column has values its existing rows lack.
+func TestLogicalSyncPointSeesAColumnTheStreamHasNot(t *testing.T) {
+	t.Parallel()
+	e := setupLogical(t)
+	e.exec(e.app, `CREATE TABLE public.t (id int PRIMARY KEY, v text)`)
+	e.exec(e.app, `INSERT INTO public.t SELECT g, 'v' FROM generate_series(1, 10) g`)
+	e.startAgent(e.config())
+	e.done(`SELECT mimeo.logical_maker('public.t', $1)`, e.dblink)
+
+	// Without a default the existing rows are NULL on both sides: the
+	// stream adds the column with the table's next change.
+	e.exec(e.app, `ALTER TABLE public.t ADD COLUMN note text`)
+	e.sync("public.t")
+	e.exec(e.app, `ALTER TABLE public.t ADD COLUMN "Flag" boolean DEFAULT true`)
+	msg := e.failed(`SELECT mimeo.refresh_logical('public.t')`)
+	require.Contains(t, msg, `column "Flag" was added on the source with a default`)
+	detail := e.waitState("public.t", "failed")
+	require.Contains(t, detail, `"Flag"`)
+	require.Contains(t, detail, "p_repull => true")
+
+	e.done(`SELECT mimeo.refresh_logical('public.t', p_repull => true)`)
+	e.exec(e.app, `UPDATE public.t SET note = 'n' WHERE id = 1`)
+	e.sync("public.t")
+	e.requireSame("public.t", "public.t")
+}
+
 func TestLogicalIdleSlotAdvances(t *testing.T) {
 	t.Parallel()
 	e := setupLogical(t)
