@@ -56,6 +56,7 @@ type Engine struct {
 
 	mu       sync.Mutex
 	running  map[int]bool
+	fellBack map[int]time.Time // when each source's stream last fell back from streaming
 	wake     chan struct{}
 	progress chan struct{} // closed, and replaced, when a stream has committed more
 }
@@ -74,7 +75,7 @@ func New(cfg Config, dst *pgxpool.Pool, sources Sources, log hclog.Logger, metri
 	if metrics == nil {
 		metrics = NewMetrics(nil)
 	}
-	return &Engine{cfg: cfg, dst: dst, sources: sources, log: log, metrics: metrics, running: map[int]bool{}, wake: make(chan struct{}, 1),
+	return &Engine{cfg: cfg, dst: dst, sources: sources, log: log, metrics: metrics, running: map[int]bool{}, fellBack: map[int]time.Time{}, wake: make(chan struct{}, 1),
 		progress: make(chan struct{})}
 }
 
@@ -174,8 +175,12 @@ FROM mimeo.logical_source s ORDER BY 1`)
 func (e *Engine) runSource(ctx context.Context, dblink int) {
 	log := e.log.With("source", dblink)
 	pause := time.Second
-	var unstreamedAt time.Time // when the stream last fell back
 	for ctx.Err() == nil {
+		// Kept by the engine: a stream that ends (another agent held the
+		// source a moment) must not forget that it fell back.
+		e.mu.Lock()
+		unstreamedAt := e.fellBack[dblink]
+		e.mu.Unlock()
 		mayStream := !e.cfg.NoStreaming && (unstreamedAt.IsZero() || time.Since(unstreamedAt) >= unstreamedFor)
 		s := &stream{e: e, dblink: dblink, log: log, mayStream: mayStream}
 		err := s.run(ctx)
@@ -190,7 +195,9 @@ func (e *Engine) runSource(ctx context.Context, dblink int) {
 		case errors.Is(err, errUnstreamed):
 			log.Info("logical stream starts again without streaming transactions in progress", "reason", err.Error(),
 				"streaming_again_after", unstreamedFor.String())
-			unstreamedAt = time.Now()
+			e.mu.Lock()
+			e.fellBack[dblink] = time.Now()
+			e.mu.Unlock()
 			e.metrics.unstream.WithLabelValues(label(dblink)).Inc()
 			_ = s.fault("fell back from streaming")
 			pause = time.Second
