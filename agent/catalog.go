@@ -33,6 +33,9 @@ type index struct {
 	Columns []string // plain key and INCLUDE columns; empty for expressions
 	HasExpr bool
 	Body    string // "USING btree (...) [INCLUDE ...] [WHERE ...]"
+	// Plain is the body of a btree index of Columns with nothing else
+	// (default operator classes and collations, nothing included).
+	Plain string
 }
 
 // sourceTable is what a run learns about its source table up front.
@@ -80,7 +83,10 @@ SELECT ic.relname, i.indisprimary, i.indisunique, pg_get_indexdef(i.indexrelid),
        array(SELECT a.attname FROM unnest(i.indkey) WITH ORDINALITY k(attnum, ord)
              JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
              ORDER BY k.ord),
-       i.indexprs IS NOT NULL OR i.indpred IS NOT NULL
+       i.indexprs IS NOT NULL OR i.indpred IS NOT NULL,
+       'USING btree (' || array_to_string(array(SELECT quote_ident(a.attname) FROM unnest(i.indkey) WITH ORDINALITY k(attnum, ord)
+             JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+             ORDER BY k.ord), ', ') || ')'
 FROM pg_catalog.pg_index i
 JOIN pg_catalog.pg_class ic ON ic.oid = i.indexrelid
 JOIN pg_catalog.pg_class c ON c.oid = i.indrelid
@@ -182,7 +188,7 @@ func readIndexes(ctx context.Context, q queue.DB, oid uint32) ([]index, error) {
 	return pgx.CollectRows(rows, func(row pgx.CollectableRow) (index, error) {
 		var ix index
 		var def, prefix string
-		if err := row.Scan(&ix.Name, &ix.Primary, &ix.Unique, &def, &prefix, &ix.Columns, &ix.HasExpr); err != nil {
+		if err := row.Scan(&ix.Name, &ix.Primary, &ix.Unique, &def, &prefix, &ix.Columns, &ix.HasExpr, &ix.Plain); err != nil {
 			return ix, err
 		}
 		body, ok := strings.CutPrefix(def, prefix)

@@ -76,6 +76,31 @@ func (r *run) load(ctx context.Context, tx pgx.Tx, spec loadSpec) (int64, error)
 	return rows, nil
 }
 
+// logicalRun reports whether the run makes or repulls a logical table.
+func (r *run) logicalRun() bool {
+	return r.req.Action == "logical_maker" || r.req.Action == "refresh_logical"
+}
+
+// deferrableUnique reports whether ix is a plain unique index (btree,
+// columns only, nothing included, default operator classes) that can be
+// made a DEFERRABLE unique constraint. A logical table's stream applies a
+// batch set-based, not in the source's row order: values swapped between
+// rows (a = x, b = y to a = y, b = x through a temporary value) collide
+// midway unless the check waits for the batch's end.
+func deferrableUnique(ix index) bool {
+	return ix.Unique && !ix.Primary && !ix.HasExpr && len(ix.Columns) > 0 &&
+		ix.Body == ix.Plain
+}
+
+// quoteAll quotes names and joins them with commas.
+func quoteAll(names []string) string {
+	q := make([]string, len(names))
+	for i, n := range names {
+		q[i] = ident.Quote(n)
+	}
+	return strings.Join(q, ", ")
+}
+
 // createIndexes re-creates the source table's indexes on target. An index
 // that cannot be built there (a filtered-out column, say) is skipped with a
 // warning; a savepoint keeps the failure from aborting the transaction.
@@ -92,6 +117,9 @@ func (r *run) createIndexes(ctx context.Context, tx pgx.Tx, src *sourceTable, ta
 				q += "UNIQUE "
 			}
 			q += "INDEX " + ident.Quote(name) + " ON " + target.Sanitize() + " " + ix.Body
+			if r.logicalRun() && deferrableUnique(ix) {
+				q = "ALTER TABLE " + target.Sanitize() + " ADD CONSTRAINT " + ident.Quote(name) + " UNIQUE (" + quoteAll(ix.Columns) + ") DEFERRABLE"
+			}
 			if _, err := tx.Exec(ctx, "SAVEPOINT mimeo_index"); err != nil {
 				return "", fmt.Errorf("create index %s: %w", name, err)
 			}

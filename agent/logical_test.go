@@ -910,3 +910,43 @@ func TestLogicalStagingWithoutTempRight(t *testing.T) {
 	e.sync("public.t")
 	e.requireSame("public.t", "public.t")
 }
+
+// TestLogicalUniqueValuesSwapped: the source may swap unique values
+// between rows through a temporary one; the stream applies a batch
+// set-based, so its copy of the unique index is a DEFERRABLE constraint
+// checked at the batch's end (a statement's end is not enough: a row whose
+// TOASTed value was left unchanged is updated by a statement of its own),
+// and a real duplicate still fails the table.
+func TestLogicalUniqueValuesSwapped(t *testing.T) {
+	t.Parallel()
+	e := setupLogical(t)
+	e.exec(e.app, `CREATE TABLE public.uq (id int PRIMARY KEY, email text UNIQUE, v int, big text)`)
+	e.exec(e.app, `INSERT INTO public.uq SELECT g, 'e' || g, g FROM generate_series(1, 100) g`)
+	e.exec(e.app, `UPDATE public.uq SET big = (SELECT string_agg(md5(g::text), '') FROM generate_series(1, 3000) g) WHERE id = 31`)
+	e.startAgent(e.config())
+	e.done(`SELECT mimeo.logical_maker('public.uq', $1)`, e.dblink)
+	var deferrable bool
+	require.NoError(t, e.dst.QueryRow(t.Context(), `SELECT condeferrable FROM pg_constraint
+WHERE conrelid = 'public.uq'::regclass AND contype = 'u'`).Scan(&deferrable))
+	require.True(t, deferrable)
+
+	// In one transaction, and in three sent back to back (one batch).
+	e.exec(e.app, `BEGIN; UPDATE public.uq SET email = 'tmp' WHERE id = 11; UPDATE public.uq SET email = 'e11' WHERE id = 12;
+UPDATE public.uq SET email = 'e12' WHERE id = 11; COMMIT`)
+	e.exec(e.app, `UPDATE public.uq SET email = 'tmp' WHERE id = 21`)
+	e.exec(e.app, `UPDATE public.uq SET email = 'e21' WHERE id = 22`)
+	e.exec(e.app, `UPDATE public.uq SET email = 'e22' WHERE id = 21`)
+	// Row 31 keeps its TOASTed value, so its changes come without it and
+	// are applied by a statement of their own, after row 32's.
+	e.exec(e.app, `BEGIN; UPDATE public.uq SET email = 'tmp' WHERE id = 31; UPDATE public.uq SET email = 'e31' WHERE id = 32;
+UPDATE public.uq SET email = 'e32' WHERE id = 31; COMMIT`)
+	e.sync("public.uq")
+	state, detail := e.logicalState("public.uq")
+	require.Equal(t, "ready", state, detail)
+	e.requireSame("public.uq", "public.uq")
+
+	e.exec(e.dst, `INSERT INTO public.uq VALUES (1000, 'taken', 0)`)
+	e.exec(e.app, `INSERT INTO public.uq VALUES (101, 'taken', 0)`)
+	detail = e.waitState("public.uq", "failed")
+	require.Contains(t, detail, "uq_email_key")
+}

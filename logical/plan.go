@@ -92,6 +92,10 @@ type plan struct {
 	relTypes []string // every relation column's type, for the condition
 	src      DB       // the source, for rows an update brings into the condition
 	stages   *stages  // the stream's staging tables (nil: arrays only)
+	// deferred names the table's DEFERRABLE unique constraints: checked at
+	// the end of each batch, as a batch is applied set-based, not in the
+	// source's row order.
+	deferred string
 }
 
 // tableError is an apply failure that belongs to one table: that table is
@@ -194,6 +198,11 @@ WHERE a.attrelid = to_regclass($1) AND a.attname = ANY($2) AND (a.attnotnull OR 
 		cfg.columns, cfg.types = names, slices.Clone(relTypes)
 	}
 	p := &plan{cfg: cfg, rel: rel, relTypes: relTypes, src: src}
+	if err := tx.QueryRow(ctx, `SELECT coalesce(string_agg(quote_ident(n.nspname) || '.' || quote_ident(c.conname), ', '), '')
+FROM pg_catalog.pg_constraint c JOIN pg_catalog.pg_namespace n ON n.oid = c.connamespace
+WHERE c.conrelid = $1 AND c.contype = 'u' AND c.condeferrable`, cfg.destOID).Scan(&p.deferred); err != nil {
+		return nil, fmt.Errorf("read deferrable constraints of %s: %w", cfg.dest, err)
+	}
 	for _, c := range destCols {
 		if cfg.logdel && c.name == DeletedColumn {
 			continue

@@ -17,12 +17,24 @@ import (
 // It returns the rows written.
 func (b *tableBatch) apply(ctx context.Context, tx pgx.Tx) (int64, error) {
 	var rows int64
+	fail := func(err error) (int64, error) { return rows, &tableError{dest: b.plan.cfg.destText, err: err} }
+	if d := b.plan.deferred; d != "" {
+		if _, err := tx.Exec(ctx, "SET CONSTRAINTS "+d+" DEFERRED"); err != nil {
+			return fail(err)
+		}
+	}
 	for _, s := range b.segs {
 		n, err := b.applySegment(ctx, tx, s)
 		if err != nil {
-			return rows, &tableError{dest: b.plan.cfg.destText, err: err}
+			return fail(err)
 		}
 		rows += n
+	}
+	if d := b.plan.deferred; d != "" {
+		// The batch ends where the source's order had every value unique.
+		if _, err := tx.Exec(ctx, "SET CONSTRAINTS "+d+" IMMEDIATE"); err != nil {
+			return fail(fmt.Errorf("check unique constraints: %w", err))
+		}
 	}
 	b.segs = nil
 	b.next()
