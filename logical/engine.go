@@ -170,6 +170,11 @@ FROM mimeo.logical_source s ORDER BY 1`)
 	return ids, rows.Err()
 }
 
+// retryMax is the longest pause between a stream's attempts to reconnect:
+// a source back from a restart or an outage streams again within it, as
+// its tables are to be fresh within about a second.
+const retryMax = 5 * time.Second
+
 // runSource streams one source until ctx ends or it has no tables left,
 // reconnecting after errors with a growing pause.
 func (e *Engine) runSource(ctx context.Context, dblink int) {
@@ -211,7 +216,7 @@ func (e *Engine) runSource(ctx context.Context, dblink int) {
 			return
 		case <-time.After(pause):
 		}
-		pause = min(2*pause, 30*time.Second)
+		pause = min(2*pause, retryMax)
 	}
 }
 
