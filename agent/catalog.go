@@ -80,17 +80,17 @@ SELECT ic.relname, i.indisprimary, i.indisunique, pg_get_indexdef(i.indexrelid),
        'CREATE ' || CASE WHEN i.indisunique THEN 'UNIQUE ' ELSE '' END || 'INDEX ' || quote_ident(ic.relname)
            || ' ON ' || CASE WHEN c.relkind = 'p' THEN 'ONLY ' ELSE '' END
            || quote_ident(n.nspname) || '.' || quote_ident(c.relname) || ' ',
-       array(SELECT a.attname FROM unnest(i.indkey) WITH ORDINALITY k(attnum, ord)
-             JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
-             ORDER BY k.ord),
+       coalesce(k.names, '{}'),
        i.indexprs IS NOT NULL OR i.indpred IS NOT NULL,
-       'USING btree (' || array_to_string(array(SELECT quote_ident(a.attname) FROM unnest(i.indkey) WITH ORDINALITY k(attnum, ord)
-             JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
-             ORDER BY k.ord), ', ') || ')'
+       'USING btree (' || coalesce(k.quoted, '') || ')'
 FROM pg_catalog.pg_index i
 JOIN pg_catalog.pg_class ic ON ic.oid = i.indexrelid
 JOIN pg_catalog.pg_class c ON c.oid = i.indrelid
 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+LEFT JOIN LATERAL (
+    SELECT array_agg(a.attname ORDER BY k.ord) AS names, string_agg(quote_ident(a.attname), ', ' ORDER BY k.ord) AS quoted
+    FROM unnest(i.indkey) WITH ORDINALITY k(attnum, ord)
+    JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum) k ON true
 WHERE i.indrelid = $1 AND i.indisvalid AND i.indislive
 ORDER BY i.indisprimary DESC, ic.relname`
 )

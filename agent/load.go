@@ -92,15 +92,6 @@ func deferrableUnique(ix index) bool {
 		ix.Body == ix.Plain
 }
 
-// quoteAll quotes names and joins them with commas.
-func quoteAll(names []string) string {
-	q := make([]string, len(names))
-	for i, n := range names {
-		q[i] = ident.Quote(n)
-	}
-	return strings.Join(q, ", ")
-}
-
 // createIndexes re-creates the source table's indexes on target. An index
 // that cannot be built there (a filtered-out column, say) is skipped with a
 // warning; a savepoint keeps the failure from aborting the transaction.
@@ -118,7 +109,7 @@ func (r *run) createIndexes(ctx context.Context, tx pgx.Tx, src *sourceTable, ta
 			}
 			q += "INDEX " + ident.Quote(name) + " ON " + target.Sanitize() + " " + ix.Body
 			if r.logicalRun() && deferrableUnique(ix) {
-				q = "ALTER TABLE " + target.Sanitize() + " ADD CONSTRAINT " + ident.Quote(name) + " UNIQUE (" + quoteAll(ix.Columns) + ") DEFERRABLE"
+				q = "ALTER TABLE " + target.Sanitize() + " ADD CONSTRAINT " + ident.Quote(name) + " UNIQUE (" + quoteNames(ix.Columns) + ") DEFERRABLE"
 			}
 			if _, err := tx.Exec(ctx, "SAVEPOINT mimeo_index"); err != nil {
 				return "", fmt.Errorf("create index %s: %w", name, err)

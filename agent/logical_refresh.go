@@ -72,8 +72,7 @@ func (a *Agent) checkLogicalColumns(ctx context.Context, r *run, dblink int) err
 		return err
 	}
 	r.log.Error("logical table failed; it gets no changes until a repull", "error", why)
-	if _, err := r.dst.Exec(ctx, `UPDATE ONLY mimeo.refresh_config_logical SET state = 'failed', state_detail = $2
-WHERE dest_table = $1 AND state IN ('ready', 'copied')`, r.req.DestTable, why); err != nil {
+	if err := logical.MarkFailed(ctx, r.dst, r.req.DestTable, why); err != nil {
 		return fmt.Errorf("%s; and cannot mark the table failed: %w", why, err)
 	}
 	return errors.New(why)

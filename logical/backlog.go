@@ -345,8 +345,7 @@ WHERE dblink = $1 AND partitions IS NOT NULL AND state IN ('ready', 'copied')`, 
 		}
 		why := fmt.Sprintf("the partitions of %s changed on the source (attached: %v, detached: %v); ATTACH and DETACH move rows without changes the stream sees", t.src, gained, lost)
 		a.s.log.Error("logical table failed; it gets no changes until a repull", "dest_table", t.dest, "error", why)
-		if _, err := a.s.dst.Exec(ctx, `UPDATE ONLY mimeo.refresh_config_logical SET state = 'failed', state_detail = $2 WHERE dest_table = $1 AND state IN ('ready', 'copied')`,
-			t.dest, why+repullHint(t.dest)); err != nil {
+		if err := MarkFailed(ctx, a.s.dst, t.dest, why+repullHint(t.dest)); err != nil {
 			a.s.log.Warn("cannot mark the table failed", "error", err)
 		}
 		a.s.e.progressed()

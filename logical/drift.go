@@ -63,17 +63,16 @@ ORDER BY a.attnum`, name.Sanitize())
 	var problems, filled []string
 	for _, c := range seen {
 		if !slices.ContainsFunc(now, func(n column) bool { return n.name == c }) && slices.Contains(destHas, c) {
-			problems = append(problems, fmt.Sprintf("column %s was dropped or renamed on the source", ident.Display(c)))
+			problems = append(problems, droppedColumn(c))
 		}
 	}
 	for _, c := range now {
 		if c.filled && len(filter) == 0 && !slices.Contains(seen, c.name) && !slices.Contains(destHas, c.name) {
-			filled = append(filled, ident.Display(c.name))
+			filled = append(filled, c.name)
 		}
 	}
 	if len(filled) > 0 {
-		problems = append(problems, fmt.Sprintf("column %s was added on the source with a default or NOT NULL, so its existing rows have values the stream does not carry",
-			strings.Join(filled, ", ")))
+		problems = append(problems, filledColumns(filled))
 	}
 	if len(problems) == 0 {
 		return "", nil

@@ -113,6 +113,30 @@ func repullHint(dest string) string {
 	return "; run SELECT mimeo.refresh_logical(" + quoteLit(dest) + ", p_repull => true) to copy it again"
 }
 
+// droppedColumn says that the source no longer has a column the copy has.
+func droppedColumn(name string) string {
+	return fmt.Sprintf("column %s was dropped or renamed on the source", ident.Display(name))
+}
+
+// filledColumns says that columns were added on the source with values
+// for its existing rows, which the stream does not carry.
+func filledColumns(names []string) string {
+	shown := make([]string, len(names))
+	for i, n := range names {
+		shown[i] = ident.Display(n)
+	}
+	return fmt.Sprintf("column %s was added on the source with a default or NOT NULL, so its existing rows have values the stream does not carry",
+		strings.Join(shown, ", "))
+}
+
+// MarkFailed marks a ready or copied logical table failed, with why: it
+// gets no changes until a repull.
+func MarkFailed(ctx context.Context, dst DB, dest, why string) error {
+	_, err := dst.Exec(ctx, `UPDATE ONLY mimeo.refresh_config_logical SET state = 'failed', state_detail = $2
+WHERE dest_table = $1 AND state IN ('ready', 'copied')`, dest, why)
+	return err
+}
+
 // buildPlan checks rel against the columns the table was made with and
 // maps the destination's columns onto it. A source column added without a
 // default is added to the destination (unless p_filter names the columns);
@@ -140,7 +164,7 @@ func buildPlan(ctx context.Context, tx pgx.Tx, src DB, cfg *tableConfig, rel *re
 		if j < 0 {
 			changed = true
 			if has[name] {
-				problems = append(problems, fmt.Sprintf("column %s was dropped or renamed on the source", ident.Display(name)))
+				problems = append(problems, droppedColumn(name))
 			}
 			continue
 		}
@@ -173,8 +197,7 @@ WHERE a.attrelid = to_regclass($1) AND a.attname = ANY($2) AND (a.attnotnull OR 
 			return nil, err
 		}
 		if len(unsafe) > 0 {
-			return nil, fail("column %s was added on the source with a default or NOT NULL, so its existing rows have values the stream does not carry",
-				strings.Join(unsafe, ", "))
+			return nil, fail("%s", filledColumns(unsafe))
 		}
 		for _, name := range toAdd {
 			j := rel.columnIndex(name)
