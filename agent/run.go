@@ -83,6 +83,14 @@ func (r *run) step(ctx context.Context, action string, fn func() (string, error)
 	return err
 }
 
+// jobStatus is the status a completed run's job ends with.
+func (r *run) jobStatus() string {
+	if r.warning {
+		return jobWarning
+	}
+	return jobOK
+}
+
 // note records an informational step (no work of its own).
 func (r *run) note(ctx context.Context, action, message string, warning bool) {
 	status := jobOK
@@ -115,11 +123,7 @@ func (r *run) complete(ctx context.Context, tx pgx.Tx, rows int64, message strin
 	}
 	// The job ends with the request: whoever sees the request done finds
 	// its job ended too.
-	status := jobOK
-	if r.warning {
-		status = jobWarning
-	}
-	if _, err := tx.Exec(ctx, sqlJobEnd, r.job.id, status, rows); err != nil {
+	if _, err := tx.Exec(ctx, sqlJobEnd, r.job.id, r.jobStatus(), rows); err != nil {
 		return fmt.Errorf("close job log: %w", err)
 	}
 	r.completed, r.rows, r.message = true, rows, message
@@ -285,11 +289,7 @@ func (a *Agent) executeLogged(ctx context.Context, req queue.Request, log hclog.
 		log.Info("run skipped", "message", r.message)
 		return queue.Outcome{Status: queue.StatusSkipped, JobID: job.id, Message: r.message}
 	case err == nil && r.completed:
-		status := jobOK
-		if r.warning {
-			status = jobWarning
-		}
-		job.end(ctx, status, r.rows)
+		job.end(ctx, r.jobStatus(), r.rows)
 		log.Info("run finished", "rows", r.rows, "duration", elapsed.Round(time.Millisecond).String(), "message", r.message)
 		return queue.Outcome{Status: queue.StatusDone, Rows: r.rows, JobID: job.id, Message: r.message}
 	case err == nil:
