@@ -24,7 +24,7 @@ import (
 )
 
 // Version is mimeo-agent's version; it installs schema version mimeosql.Version.
-const Version = "0.7.0"
+const Version = "0.8.0"
 
 // Agent serves one destination database.
 type Agent struct {
@@ -79,7 +79,8 @@ func New(ctx context.Context, cfg Config, logger hclog.Logger) (*Agent, error) {
 	a.metrics.registry.MustRegister(&tableCollector{pool: pool, timeout: cfg.AgentTimeout})
 	a.jobCtx, a.cancelJob = context.WithCancel(context.WithoutCancel(ctx))
 	a.handlers = a.registerHandlers()
-	a.logical = logical.New(logical.Config{MemoryBudget: cfg.LogicalMemory, NoStreaming: !cfg.LogicalStreaming, WALWarnBytes: cfg.LogicalWALWarning, Faults: cfg.LogicalFaults},
+	a.logical = logical.New(logical.Config{MemoryBudget: cfg.LogicalMemory, NoStreaming: !cfg.LogicalStreaming, WALWarnBytes: cfg.LogicalWALWarning,
+		CheckInterval: cfg.LogicalCheckInterval, Faults: cfg.LogicalFaults},
 		pool, logicalSources{a}, logger.Named("logical"), logical.NewMetrics(a.metrics.registry))
 	if err := a.checkSchema(ctx); err != nil {
 		pool.Close()

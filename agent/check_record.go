@@ -55,3 +55,15 @@ func (r *run) completeChecks(ctx context.Context, message string, checks ...chec
 		return r.complete(ctx, tx, 0, message)
 	})
 }
+
+// markChecksRepaired records that a repull repaired the differences the
+// table's earlier checks found, so that refresh_status stops calling it
+// invalid for them.
+func markChecksRepaired(ctx context.Context, tx pgx.Tx, r *run) error {
+	if _, err := tx.Exec(ctx, `UPDATE mimeo.validation SET repaired = true,
+    detail = coalesce(detail || '; ', '') || 'repaired by the repull of request ' || $2::bigint
+WHERE dest_table = $1 AND kind IN ('rowcount', 'checksum', 'columns') AND NOT ok AND repaired IS NOT TRUE`, r.req.DestTable, r.req.ID); err != nil {
+		return fmt.Errorf("record the earlier checks as repaired: %w", err)
+	}
+	return nil
+}

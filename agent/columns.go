@@ -9,6 +9,7 @@ import (
 	"github.com/jackc/pgx/v5"
 
 	"github.com/mimeo-dev/mimeo/internal/ident"
+	"github.com/mimeo-dev/mimeo/internal/owner"
 	"github.com/mimeo-dev/mimeo/queue"
 )
 
@@ -136,8 +137,17 @@ func (r *run) rebuildColumns(ctx context.Context, tx pgx.Tx, d columnDiff, st *s
 		alter = append(alter, "ALTER COLUMN "+ident.Quote(c.Now.Name)+" TYPE "+c.Now.Type+" USING "+using)
 	}
 	return r.step(ctx, "Rebuild columns", func() (string, error) {
+		if _, err := tx.Exec(ctx, "SAVEPOINT mimeo_alter"); err != nil {
+			return "", err
+		}
 		if _, err := tx.Exec(ctx, "ALTER TABLE "+dest.Sanitize()+" "+strings.Join(alter, ", ")); err != nil {
-			return "", fmt.Errorf("alter %s to the source's columns (%s): %w", dest, d, err)
+			err = fmt.Errorf("alter %s to the source's columns (%s): %w", dest, d, err)
+			if _, rerr := tx.Exec(ctx, "ROLLBACK TO SAVEPOINT mimeo_alter"); rerr == nil {
+				if hint := owner.Hint(ctx, tx, dest.Sanitize()); hint != "" {
+					err = fmt.Errorf("%w; %s, then run it again", err, hint)
+				}
+			}
+			return "", err
 		}
 		if indexes {
 			missing, err := missingIndexes(ctx, tx, st, dest)

@@ -48,6 +48,9 @@ type Config struct {
 	// large transaction while it is in progress, so that applying it
 	// overlaps its decoding; false waits for each commit.
 	LogicalStreaming bool `env:"MIMEO_LOGICAL_STREAMING, default=true"`
+	// LogicalCheckInterval is how often a stream measures its slot's WAL
+	// and compares its tables' partitions with the source's.
+	LogicalCheckInterval time.Duration `env:"MIMEO_LOGICAL_CHECK_INTERVAL, default=10s"`
 	// Retention is how long finished requests, job logs and stopped agents'
 	// rows are kept; older ones are deleted in small batches. 0 keeps them.
 	Retention RetentionPeriod `env:"MIMEO_RETENTION, default=30d"`

@@ -153,6 +153,8 @@ func (e *env) config() agent.Config {
 		LogLevel:          "info",
 		LogFormat:         "text",
 		LogicalStreaming:  true, // as its env default
+		// Partitions and the slot's WAL are checked each second, not each 10.
+		LogicalCheckInterval: time.Second,
 	}
 }
 

@@ -173,9 +173,15 @@ func (a *Agent) copyLogical(ctx context.Context, r *run, dblink int, src *pgxpoo
 			return err
 		}
 		if _, err := tx.Exec(ctx, `UPDATE ONLY mimeo.refresh_config_logical SET state = 'copied', state_detail = NULL,
-    start_lsn = $2::text::pg_lsn, last_run = $3, columns = $4, column_types = $5, partitions = $6 WHERE dest_table = $1`,
-			r.req.DestTable, snap.Point.String(), r.started, cols, types, parts); err != nil {
+    start_lsn = $2::text::pg_lsn, last_run = $3, columns = $4, column_types = $5, partitions = $6, partition_files = $7
+WHERE dest_table = $1`,
+			r.req.DestTable, snap.Point.String(), r.started, cols, types, logical.PartitionNames(parts), logical.PartitionFiles(parts)); err != nil {
 			return fmt.Errorf("record copy: %w", err)
+		}
+		if !created {
+			if err := markChecksRepaired(ctx, tx, r); err != nil {
+				return err
+			}
 		}
 		return r.complete(ctx, tx, rows, fmt.Sprintf("copied %d rows at %s; the stream of %s applies changes from there", rows, snap.Point, names.Slot))
 	})

@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/stretchr/testify/require"
 
 	"github.com/mimeo-dev/mimeo/agent"
@@ -631,11 +632,17 @@ func TestLogicalLeastPrivilegeFollowsTheHints(t *testing.T) {
 	e.exec(e.app, `INSERT INTO public.orders SELECT g, 'v' FROM generate_series(1, 50) g`)
 	e.exec(e.app, `GRANT SELECT ON public.orders TO `+role)
 	e.startAgent(e.config())
-	msg := e.failed(`SELECT mimeo.logical_maker('public.orders', $1)`, e.dblink)
-	_, hint, ok := strings.Cut(msg, "as a superuser on the source run: ")
-	require.True(t, ok, msg)
-	hint = strings.TrimSuffix(hint, ")")
+	// The CALL form raises the SQL to run as the error's HINT field.
+	_, err := e.dst.Exec(e.ctx, `CALL mimeo.logical_maker_wait('public.orders', $1)`, e.dblink)
+	var pgErr *pgconn.PgError
+	require.ErrorAs(t, err, &pgErr)
+	require.NotContains(t, pgErr.Message, "HINT")
+	require.Contains(t, pgErr.Message, "may not create publication")
+	_, hint, ok := strings.Cut(pgErr.Hint, "as a superuser on the source run: ")
+	require.True(t, ok, pgErr.Hint)
+	hint, then, _ := strings.Cut(hint, "; then")
 	require.Contains(t, hint, "CREATE PUBLICATION")
+	require.Contains(t, then, "call the maker")
 	e.exec(e.src, hint)
 	e.done(`SELECT mimeo.logical_maker('public.orders', $1)`, e.dblink)
 	e.exec(e.app, `UPDATE public.orders SET v = 'app' WHERE id < 10`)
@@ -645,7 +652,7 @@ func TestLogicalLeastPrivilegeFollowsTheHints(t *testing.T) {
 	// A second table: the publication exists, adding to it needs the owner.
 	e.exec(e.app, `CREATE TABLE public.items (id int PRIMARY KEY)`)
 	e.exec(e.app, `GRANT SELECT ON public.items TO `+role)
-	msg = e.failed(`SELECT mimeo.logical_maker('public.items', $1)`, e.dblink)
+	msg := e.failed(`SELECT mimeo.logical_maker('public.items', $1)`, e.dblink)
 	_, hint, ok = strings.Cut(msg, "as a superuser on the source run: ")
 	require.True(t, ok, msg)
 	hint, _, _ = strings.Cut(hint, "; then")
@@ -691,6 +698,80 @@ func TestLogicalPartitionedSourceAndConditions(t *testing.T) {
 	e.exec(e.app, `INSERT INTO public.ev VALUES (1001, 'asia', 'b')`)
 	e.sync("public.ev")
 	e.requireSame("public.ev", "public.ev")
+
+	// A partition created as one gets its rows through the table: it is
+	// recorded, and the table goes on (a row right after the CREATE too).
+	e.exec(e.app, `CREATE TABLE public.ev_apac PARTITION OF public.ev FOR VALUES IN ('apac')`)
+	e.exec(e.app, `INSERT INTO public.ev VALUES (2000, 'apac', 'c')`)
+	e.waitPartitionsRecorded("public.ev", "public.ev_apac")
+	state, detail := e.logicalState("public.ev")
+	require.Equal(t, "ready", state, detail)
+	e.sync("public.ev")
+	e.requireSame("public.ev", "public.ev")
+
+	// A rewrite gives a partition a new file, as a TRUNCATE does: the table
+	// is compared with the source, found equal, and goes on.
+	e.exec(e.app, `VACUUM FULL public.ev_eu`)
+	o := e.awaitAutoValidate("public.ev", 1)
+	require.Equal(t, "done", o.Status, "error: %v", deref(o.Error))
+	require.Contains(t, fmt.Sprint(deref(o.Message)), "ok: checked because partitions [public.ev_eu]")
+	state, detail = e.logicalState("public.ev")
+	require.Equal(t, "ready", state, detail)
+
+	// pgoutput does not send a TRUNCATE of one partition: the comparison
+	// finds the rows the copy kept, and the table fails until a repull.
+	e.exec(e.app, `TRUNCATE public.ev_us`)
+	e.awaitAutoValidate("public.ev", 2)
+	detail = e.waitState("public.ev", "failed")
+	require.Contains(t, detail, "public.ev_us")
+	require.Contains(t, detail, "differ")
+	var health string
+	require.NoError(t, e.dst.QueryRow(e.ctx, `SELECT health FROM mimeo.refresh_status WHERE dest_table = 'public.ev'`).Scan(&health))
+	require.Equal(t, "failing", health)
+	e.done(`SELECT mimeo.refresh_logical('public.ev', p_repull => true)`)
+	e.sync("public.ev")
+	e.requireSame("public.ev", "public.ev")
+	require.NoError(t, e.dst.QueryRow(e.ctx, `SELECT health FROM mimeo.refresh_status WHERE dest_table = 'public.ev'`).Scan(&health))
+	require.Equal(t, "ok", health, "the repull repaired what the check found")
+}
+
+// waitPartitionsRecorded polls until the stream's check has recorded the
+// partition as one of the table's.
+func (e *env) waitPartitionsRecorded(table, partition string) {
+	e.t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		var has bool
+		require.NoError(e.t, e.dst.QueryRow(e.ctx, `SELECT $2 = ANY (partitions) FROM mimeo.refresh_config_logical WHERE dest_table = $1`,
+			table, partition).Scan(&has))
+		if has {
+			return
+		}
+		if time.Now().After(deadline) {
+			state, detail := e.logicalState(table)
+			e.t.Fatalf("%s's partitions do not have %s (%s: %s)", table, partition, state, detail)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// awaitAutoValidate waits for the n-th validate request the stream queued
+// for table, and for it to end.
+func (e *env) awaitAutoValidate(table string, n int) outcome {
+	e.t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		var id *int64
+		require.NoError(e.t, e.dst.QueryRow(e.ctx, `SELECT (SELECT id FROM mimeo.request WHERE action = 'validate' AND dest_table = $1
+  AND args ? 'reason' ORDER BY id OFFSET $2 - 1 LIMIT 1)`, table, n).Scan(&id))
+		if id != nil {
+			return e.await(*id)
+		}
+		if time.Now().After(deadline) {
+			e.t.Fatalf("no validate request %d queued for %s", n, table)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 }
 
 func TestLogicalBadInput(t *testing.T) {
@@ -832,7 +913,11 @@ func TestLogicalTableHandedToAnotherRole(t *testing.T) {
 	e.startAgent(e.config())
 	e.done(`SELECT mimeo.logical_maker('public.acc', $1)`, e.dblink)
 	su := e.pool(pgtest.Destination().ConnString(e.dstDB, pgtest.Destination().Superuser, ""))
-	e.exec(su, `ALTER TABLE public.acc OWNER TO `+strangerRole)
+	// A role of this test's own: the agent's role is made a member of it.
+	const accOwner = "acc_owner"
+	require.NoError(t, pgtest.CreateRole(e.ctx, pgtest.Destination(), accOwner, "", "NOLOGIN"))
+	e.exec(su, `REVOKE `+accOwner+` FROM `+agentRole) // from an earlier run (-count)
+	e.exec(su, `ALTER TABLE public.acc OWNER TO `+accOwner)
 	e.exec(su, `GRANT SELECT, INSERT, UPDATE, DELETE ON public.acc TO `+agentRole)
 	e.exec(e.app, `UPDATE public.acc SET v = 'x' WHERE id < 5`)
 	e.exec(e.app, `TRUNCATE public.acc`)
@@ -841,6 +926,24 @@ func TestLogicalTableHandedToAnotherRole(t *testing.T) {
 	e.requireSame("public.acc", "public.acc")
 	e.done(`SELECT mimeo.refresh_logical('public.acc', p_repull => true)`)
 	e.requireSame("public.acc", "public.acc")
+
+	// Adding a column needs the owner's rights: the stream's failure and the
+	// repull's say which grant gives them, and with it the repull works.
+	e.exec(e.app, `ALTER TABLE public.acc ADD COLUMN w int`)
+	e.exec(e.app, `INSERT INTO public.acc VALUES (2, 'w', 7)`)
+	detail := e.waitState("public.acc", "failed")
+	grant := "GRANT " + accOwner + " TO " + agentRole
+	require.Contains(t, detail, grant)
+	e.exec(e.app, `ALTER TABLE public.acc ADD COLUMN d int DEFAULT 5`)
+	require.Contains(t, e.failed(`SELECT mimeo.refresh_logical('public.acc', p_repull => true)`), grant)
+	e.exec(su, grant)
+	e.done(`SELECT mimeo.refresh_logical('public.acc', p_repull => true)`)
+	e.exec(e.app, `INSERT INTO public.acc VALUES (3, 'd', 8)`)
+	e.sync("public.acc")
+	e.requireSame("public.acc", "public.acc")
+	var owner string
+	require.NoError(t, e.dst.QueryRow(e.ctx, `SELECT tableowner FROM pg_tables WHERE schemaname = 'public' AND tablename = 'acc'`).Scan(&owner))
+	require.Equal(t, accOwner, owner)
 }
 
 // Transactions of thousands of rows travel through staging tables (COPY),

@@ -11,6 +11,7 @@ import (
 	"golang.org/x/sync/errgroup"
 
 	"github.com/mimeo-dev/mimeo/internal/ident"
+	"github.com/mimeo-dev/mimeo/logical"
 	"github.com/mimeo-dev/mimeo/triggers"
 	"github.com/mimeo-dev/mimeo/validate"
 )
@@ -18,6 +19,9 @@ import (
 // validateArgs are the arguments of mimeo.validate().
 type validateArgs struct {
 	Repair bool `json:"repair"`
+	// Reason: why the agent queued this check itself (a logical table's
+	// partition truncated or rewritten); a difference then fails the table.
+	Reason string `json:"reason"`
 }
 
 // maxPending bounds the keys of not yet applied changes that a check
@@ -123,7 +127,7 @@ func (a *Agent) validateTable(ctx context.Context, r *run) error {
 		}
 	}
 	if t.Type == "logical" {
-		return a.validateLogical(ctx, r, c, src, args.Repair)
+		return a.validateLogical(ctx, r, c, src, args)
 	}
 	return a.validateLocked(ctx, r, c, src, args.Repair)
 }
@@ -183,7 +187,10 @@ func (a *Agent) validateLocked(ctx context.Context, r *run, c *comparison, src *
 // after the stream caught up, and count only when they differ every time.
 // A repair copies the table again (refresh_logical's repull), the one way
 // that cannot race the stream.
-func (a *Agent) validateLogical(ctx context.Context, r *run, c *comparison, src *pgxpool.Conn, repair bool) error {
+//
+// A check the stream queued (args.Reason) that finds a difference fails the
+// table: the copy went wrong in a way the stream cannot see.
+func (a *Agent) validateLogical(ctx context.Context, r *run, c *comparison, src *pgxpool.Conn, args validateArgs) error {
 	fail := func(err error) error { return fmt.Errorf("validate %s: %w", r.dest, err) }
 	for pass := 0; pass <= logicalRechecks; pass++ {
 		err := func() error {
@@ -217,7 +224,17 @@ func (a *Agent) validateLogical(ctx context.Context, r *run, c *comparison, src 
 		}
 	}
 	row := c.result()
-	if !repair || len(c.differ) == 0 {
+	if args.Reason != "" {
+		row.Detail = "checked because " + args.Reason + ": " + row.Detail
+	}
+	if args.Reason != "" && len(c.differ) > 0 && !args.Repair {
+		why := "the copy differs from the source, " + row.Detail
+		r.log.Error("logical table failed; it gets no changes until a repull", "error", why)
+		if err := logical.MarkFailed(ctx, r.dst, r.req.DestTable, why+logical.RepullHint(r.req.DestTable)); err != nil {
+			return fail(fmt.Errorf("mark the table failed: %w", err))
+		}
+	}
+	if !args.Repair || len(c.differ) == 0 {
 		return r.completeChecks(ctx, row.message(), row)
 	}
 	cfg, err := loadLogicalConfig(ctx, r.dst, r.req.DestTable)

@@ -12,6 +12,7 @@ import (
 	"github.com/jackc/pgx/v5"
 
 	"github.com/mimeo-dev/mimeo/internal/ident"
+	"github.com/mimeo-dev/mimeo/internal/owner"
 )
 
 // applier applies the stream's transactions to the destination, the only
@@ -658,10 +659,14 @@ func (a *applier) failed(ctx context.Context, err error) error {
 	a.s.e.metrics.failed.WithLabelValues(label(a.s.dblink)).Inc()
 	detail := te.err.Error()
 	if isCode(te.err, "42501") {
-		detail += "; the agent's role needs SELECT, INSERT, UPDATE and DELETE on " + te.dest + " (grant them, then repull)"
+		if hint := owner.Hint(context.WithoutCancel(ctx), a.s.dst, te.dest); hint != "" {
+			detail += "; " + hint + ", then repull"
+		} else {
+			detail += "; the agent's role needs SELECT, INSERT, UPDATE and DELETE on " + te.dest + " (grant them, then repull)"
+		}
 	}
 	if !strings.Contains(detail, "p_repull") {
-		detail += repullHint(te.dest)
+		detail += RepullHint(te.dest)
 	}
 	if _, xerr := a.s.dst.Exec(context.WithoutCancel(ctx), `UPDATE ONLY mimeo.refresh_config_logical SET state = 'failed', state_detail = $2 WHERE dest_table = $1`,
 		te.dest, detail); xerr != nil {

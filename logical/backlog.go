@@ -274,7 +274,7 @@ FROM mimeo.logical_source s WHERE s.dblink = $1`, a.s.dblink).Scan(&sync, &table
 			return err
 		}
 	}
-	if time.Since(a.lastCheck) >= 10*time.Second {
+	if time.Since(a.lastCheck) >= a.s.e.cfg.CheckInterval {
 		a.lastCheck = time.Now()
 		a.measure(ctx)
 	}
@@ -303,10 +303,15 @@ func (a *applier) measure(ctx context.Context) {
 	a.warned = over
 }
 
-// checkPartitions fails a table whose source's partitions changed since its
-// copy: ATTACH and DETACH move rows without changes the stream sees.
+// checkPartitions compares each partitioned table's partitions with those
+// of its copy. ATTACH, DETACH and DROP move rows without changes the stream
+// sees, and fail the table; a partition created as one is recorded (its
+// rows stream as the table's). A partition whose file changed was
+// truncated, which pgoutput does not send for a partition published
+// through its root, or rewritten: the table is compared with the source
+// (a validate request), which fails it when the copy differs.
 func (a *applier) checkPartitions(ctx context.Context) {
-	rows, err := a.s.dst.Query(ctx, `SELECT dest_table, source_table, partitions FROM ONLY mimeo.refresh_config_logical
+	rows, err := a.s.dst.Query(ctx, `SELECT dest_table, source_table, partitions, partition_files FROM ONLY mimeo.refresh_config_logical
 WHERE dblink = $1 AND partitions IS NOT NULL AND state IN ('ready', 'copied')`, a.s.dblink)
 	if err != nil {
 		return
@@ -314,10 +319,11 @@ WHERE dblink = $1 AND partitions IS NOT NULL AND state IN ('ready', 'copied')`, 
 	type tbl struct {
 		dest, src string
 		parts     []string
+		files     []int64
 	}
 	tables, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (tbl, error) {
 		var t tbl
-		err := r.Scan(&t.dest, &t.src, &t.parts)
+		err := r.Scan(&t.dest, &t.src, &t.parts, &t.files)
 		return t, err
 	})
 	if err != nil {
@@ -329,27 +335,80 @@ WHERE dblink = $1 AND partitions IS NOT NULL AND state IN ('ready', 'copied')`, 
 			continue
 		}
 		now, err := Partitions(ctx, a.s.src, name)
-		if err != nil || slices.Equal(now, t.parts) {
+		if err != nil {
 			continue
 		}
-		var gained, lost []string
-		for _, p := range now {
-			if !slices.Contains(t.parts, p) {
-				gained = append(gained, p)
+		c := comparePartitions(t.parts, t.files, now)
+		if len(c.attached) > 0 || len(c.lost) > 0 {
+			why := fmt.Sprintf("the partitions of %s changed on the source (attached: %v, detached or dropped: %v); ATTACH, DETACH and DROP move rows without changes the stream sees",
+				t.src, c.attached, c.lost)
+			a.s.log.Error("logical table failed; it gets no changes until a repull", "dest_table", t.dest, "error", why)
+			if err := MarkFailed(ctx, a.s.dst, t.dest, why+RepullHint(t.dest)); err != nil {
+				a.s.log.Warn("cannot mark the table failed", "error", err)
 			}
+			a.s.e.progressed()
+			continue
 		}
-		for _, p := range t.parts {
-			if !slices.Contains(now, p) {
-				lost = append(lost, p)
-			}
+		if len(c.created) == 0 && len(c.rewritten) == 0 && t.files != nil {
+			continue
 		}
-		why := fmt.Sprintf("the partitions of %s changed on the source (attached: %v, detached: %v); ATTACH and DETACH move rows without changes the stream sees", t.src, gained, lost)
-		a.s.log.Error("logical table failed; it gets no changes until a repull", "dest_table", t.dest, "error", why)
-		if err := MarkFailed(ctx, a.s.dst, t.dest, why+repullHint(t.dest)); err != nil {
-			a.s.log.Warn("cannot mark the table failed", "error", err)
+		if err := a.recordPartitions(ctx, t.dest, t.parts, now, c.rewritten); err != nil {
+			a.s.log.Warn("cannot record the table's partitions", "dest_table", t.dest, "error", err)
+			continue
 		}
-		a.s.e.progressed()
+		if len(c.created) > 0 {
+			a.s.log.Info("new partitions of a logical table's source; their rows stream as the table's", "dest_table", t.dest, "partitions", c.created)
+		}
+		if len(c.rewritten) > 0 {
+			a.s.log.Warn("partitions of a logical table's source were truncated or rewritten; comparing the table with the source",
+				"dest_table", t.dest, "partitions", c.rewritten)
+		}
 	}
+}
+
+// partitionChange is how a table's partitions differ from its copy's.
+type partitionChange struct {
+	created, attached, lost, rewritten []string
+}
+
+// comparePartitions compares the partitions (and their files, if known) of
+// a copy with the source's now.
+func comparePartitions(parts []string, files []int64, now []Partition) partitionChange {
+	var c partitionChange
+	for _, p := range now {
+		i := slices.Index(parts, p.Name)
+		switch {
+		case i < 0 && p.Created:
+			c.created = append(c.created, p.Name)
+		case i < 0:
+			c.attached = append(c.attached, p.Name)
+		case len(files) == len(parts) && files[i] != p.File:
+			c.rewritten = append(c.rewritten, p.Name)
+		}
+	}
+	for _, p := range parts {
+		if !slices.ContainsFunc(now, func(n Partition) bool { return n.Name == p }) {
+			c.lost = append(c.lost, p)
+		}
+	}
+	return c
+}
+
+// recordPartitions keeps the source's partitions now as the table's, and
+// for rewritten ones queues a comparison of the table with the source, in
+// one transaction: a crash before it commits finds the change again.
+func (a *applier) recordPartitions(ctx context.Context, dest string, was []string, now []Partition, rewritten []string) error {
+	return pgx.BeginFunc(ctx, a.s.dst, func(tx pgx.Tx) error {
+		tag, err := tx.Exec(ctx, `UPDATE ONLY mimeo.refresh_config_logical SET partitions = $2, partition_files = $3
+WHERE dest_table = $1 AND partitions = $4 AND state IN ('ready', 'copied')`, dest, PartitionNames(now), PartitionFiles(now), was)
+		if err != nil || tag.RowsAffected() == 0 || len(rewritten) == 0 {
+			return err
+		}
+		reason := fmt.Sprintf("partitions %v of the source were truncated or rewritten since the copy (pgoutput does not send a TRUNCATE of one partition)",
+			rewritten)
+		_, err = tx.Exec(ctx, `SELECT mimeo.enqueue('validate', $1, jsonb_build_object('repair', false, 'reason', $2::text))`, dest, reason)
+		return err
+	})
 }
 
 // failAbandonedCopies fails a table whose maker or repull request ended

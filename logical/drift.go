@@ -77,5 +77,5 @@ ORDER BY a.attnum`, name.Sanitize())
 	if len(problems) == 0 {
 		return "", nil
 	}
-	return strings.Join(problems, "; ") + repullHint(dest), nil
+	return strings.Join(problems, "; ") + RepullHint(dest), nil
 }

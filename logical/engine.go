@@ -41,6 +41,9 @@ type Config struct {
 	WALWarnBytes int64
 	// StatusInterval is how often the slot is acknowledged.
 	StatusInterval time.Duration
+	// CheckInterval is how often a stream measures its slot's WAL and
+	// compares its tables' partitions with the source's (10 s if 0).
+	CheckInterval time.Duration
 	// Faults, when set, is called at named points; an error it returns
 	// ends the stream there as a crash would. Tests use it.
 	Faults func(point string) error
@@ -68,6 +71,9 @@ func New(cfg Config, dst *pgxpool.Pool, sources Sources, log hclog.Logger, metri
 	}
 	if cfg.WALWarnBytes <= 0 {
 		cfg.WALWarnBytes = 1 << 30
+	}
+	if cfg.CheckInterval <= 0 {
+		cfg.CheckInterval = 10 * time.Second
 	}
 	if cfg.StatusInterval <= 0 {
 		cfg.StatusInterval = time.Second

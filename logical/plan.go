@@ -108,8 +108,8 @@ type tableError struct {
 func (e *tableError) Error() string { return e.dest + ": " + e.err.Error() }
 func (e *tableError) Unwrap() error { return e.err }
 
-// repullHint ends the message of a table that needs a repull.
-func repullHint(dest string) string {
+// RepullHint ends the message of a table that needs a repull.
+func RepullHint(dest string) string {
 	return "; run SELECT mimeo.refresh_logical(" + quoteLit(dest) + ", p_repull => true) to copy it again"
 }
 
@@ -144,7 +144,7 @@ WHERE dest_table = $1 AND state IN ('ready', 'copied')`, dest, why)
 // the table.
 func buildPlan(ctx context.Context, tx pgx.Tx, src DB, cfg *tableConfig, rel *relation, relTypes []string) (*plan, error) {
 	fail := func(format string, args ...any) error {
-		return &tableError{dest: cfg.destText, err: fmt.Errorf(format+repullHint(cfg.destText), args...)}
+		return &tableError{dest: cfg.destText, err: fmt.Errorf(format+RepullHint(cfg.destText), args...)}
 	}
 	if cfg.destOID == 0 {
 		return nil, fail("destination table %s is missing", cfg.dest)

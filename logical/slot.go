@@ -78,7 +78,7 @@ func EnsurePublication(ctx context.Context, tx pgx.Tx, pub string, table ident.N
 			}
 			if isCode(err, "42501") {
 				return &HintError{Err: fmt.Errorf("%s may not create publication %s (that needs CREATE on the source database): %w", role, pub, err),
-					Hint: fmt.Sprintf("as a superuser on the source run: CREATE PUBLICATION %s WITH (publish_via_partition_root = true); ALTER PUBLICATION %s OWNER TO %s; ALTER PUBLICATION %s ADD TABLE %s;",
+					Hint: fmt.Sprintf("as a superuser on the source run: CREATE PUBLICATION %s WITH (publish_via_partition_root = true); ALTER PUBLICATION %s OWNER TO %s; ALTER PUBLICATION %s ADD TABLE %s; then call the maker (or the repull) again",
 						q, q, ident.Quote(role), q, table.Sanitize())}
 			}
 			return fmt.Errorf("create publication %s: %w", pub, err)
@@ -99,7 +99,7 @@ func EnsurePublication(ctx context.Context, tx pgx.Tx, pub string, table ident.N
 		}
 		if isCode(err, "42501") {
 			return &HintError{Err: fmt.Errorf("%s may not add %s to publication %s (that needs ownership of the table): %w", role, table, pub, err),
-				Hint: fmt.Sprintf("adding a table to a publication needs ownership of both; as a superuser on the source run: ALTER PUBLICATION %s ADD TABLE %s; then call the maker again",
+				Hint: fmt.Sprintf("adding a table to a publication needs ownership of both; as a superuser on the source run: ALTER PUBLICATION %s ADD TABLE %s; then call the maker (or the repull) again",
 					q, table.Sanitize())}
 		}
 		return fmt.Errorf("add %s to publication %s: %w", table, pub, err)
@@ -126,26 +126,75 @@ FROM pg_catalog.pg_class c WHERE c.oid = $1::regclass`, table.Sanitize(), pub).S
 			return rerr
 		}
 		return &HintError{Err: fmt.Errorf("publication %s must publish partitions as their partitioned table: %w", pub, err),
-			Hint: "as a superuser on the source run: " + q + ";"}
+			Hint: "as a superuser on the source run: " + q + "; then call the maker (or the repull) again"}
 	}
 	return nil
 }
 
-// Partitions lists the members of a partitioned table's tree (nil for a
-// table that is not partitioned).
-func Partitions(ctx context.Context, src DB, table ident.Name) ([]string, error) {
-	rows, err := src.Query(ctx, `SELECT format('%I.%I', n.nspname, c.relname)
+// Partition is one member of a partitioned table's tree on the source.
+type Partition struct {
+	Name string // schema-qualified, quoted as format's %I does
+	File int64  // its relfilenode: a TRUNCATE or a rewrite gives it a new one
+	// Created: the partition was made by CREATE TABLE ... PARTITION OF (or
+	// attached in the transaction that created it), so every row it holds
+	// came through the partitioned table.
+	Created bool
+}
+
+// Partitions lists the members of a partitioned table's tree, by name
+// (nil for a table that is not partitioned). Read in a transaction, the
+// files are those of its snapshot.
+func Partitions(ctx context.Context, src DB, table ident.Name) ([]Partition, error) {
+	// A table created as a partition has its pg_inherits row written by the
+	// transaction that made its row type; ATTACH writes it later (and
+	// rewrites the pg_class row, so that row's xmin cannot tell).
+	rows, err := src.Query(ctx, `SELECT format('%I.%I', n.nspname, c.relname), c.relfilenode::bigint,
+       coalesce(i.xmin = ty.xmin, false)
 FROM pg_catalog.pg_partition_tree($1::regclass) t
 JOIN pg_catalog.pg_class c ON c.oid = t.relid JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+LEFT JOIN pg_catalog.pg_inherits i ON i.inhrelid = c.oid
+LEFT JOIN pg_catalog.pg_type ty ON ty.oid = c.reltype
 WHERE t.relid <> $1::regclass ORDER BY 1`, table.Sanitize())
 	if err != nil {
 		return nil, fmt.Errorf("read partitions of %s: %w", table, err)
 	}
-	parts, err := pgx.CollectRows(rows, pgx.RowTo[string])
-	if len(parts) == 0 {
-		return nil, err
+	parts, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (Partition, error) {
+		var p Partition
+		err := r.Scan(&p.Name, &p.File, &p.Created)
+		return p, err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("read partitions of %s: %w", table, err)
 	}
-	return parts, err
+	if len(parts) == 0 {
+		return nil, nil
+	}
+	return parts, nil
+}
+
+// PartitionNames and PartitionFiles are parts' names and files, in order,
+// as refresh_config_logical keeps them (NULL for a table not partitioned).
+func PartitionNames(parts []Partition) []string {
+	if parts == nil {
+		return nil
+	}
+	out := make([]string, len(parts))
+	for i, p := range parts {
+		out[i] = p.Name
+	}
+	return out
+}
+
+// PartitionFiles: see PartitionNames.
+func PartitionFiles(parts []Partition) []int64 {
+	if parts == nil {
+		return nil
+	}
+	out := make([]int64, len(parts))
+	for i, p := range parts {
+		out[i] = p.File
+	}
+	return out
 }
 
 // DropFromPublication takes table out of the publication, if it is in it.
@@ -161,7 +210,7 @@ func DropFromPublication(ctx context.Context, tx pgx.Tx, pub string, table ident
 	if _, err := tx.Exec(ctx, "ALTER PUBLICATION "+ident.Quote(pub)+" DROP TABLE "+table.Sanitize()); err != nil {
 		if isCode(err, "42501") {
 			return &HintError{Err: fmt.Errorf("remove %s from publication %s: %w", table, pub, err),
-				Hint: fmt.Sprintf("as a superuser on the source run: ALTER PUBLICATION %s DROP TABLE %s;", ident.Quote(pub), table.Sanitize())}
+				Hint: fmt.Sprintf("as a superuser on the source run: ALTER PUBLICATION %s DROP TABLE %s; then call the destroyer again", ident.Quote(pub), table.Sanitize())}
 		}
 		return fmt.Errorf("remove %s from publication %s: %w", table, pub, err)
 	}

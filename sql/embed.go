@@ -19,7 +19,7 @@ import (
 var files embed.FS
 
 // Version is the schema version this binary installs and expects.
-const Version = "0.7.0"
+const Version = "0.8.0"
 
 // Files returns the embedded extension files (mimeo.control and the
 // mimeo--*.sql scripts), for copying into PostgreSQL's extension folder.
