@@ -11,6 +11,8 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/stretchr/testify/require"
+
+	"github.com/mimeo-dev/mimeo/internal/pgtest"
 )
 
 // prepareTriggers gives the replication role what dml/logdel need on the
@@ -396,4 +398,35 @@ END $$`)
 	require.NoError(t, e.src.QueryRow(e.ctx, `SELECT count(*) FROM `+q).Scan(&queued))
 	require.Zero(t, queued)
 	e.requireSame("public.t", "public.t")
+}
+
+// A dml table handed to another role, the agent keeping DML rights, is
+// repulled by DELETE (it may not TRUNCATE it), and the repull clears what
+// an earlier check found: refresh_status calls the table ok again.
+func TestDMLRepullOfATableHandedToAnotherRoleRepairsItsCheck(t *testing.T) {
+	t.Parallel()
+	e := setup(t)
+	e.exec(e.app, `CREATE TABLE public.t (id int PRIMARY KEY, v text)`)
+	e.exec(e.app, `INSERT INTO public.t SELECT g, 'v' FROM generate_series(1, 50) g`)
+	e.prepareTriggers("public.t")
+	e.startAgent(e.config())
+	e.done(`SELECT mimeo.dml_maker('public.t', $1)`, e.dblink)
+	su := e.pool(pgtest.Destination().ConnString(e.dstDB, pgtest.Destination().Superuser, ""))
+	e.exec(su, `ALTER TABLE public.t OWNER TO `+strangerRole)
+	e.exec(su, `GRANT SELECT, INSERT, UPDATE, DELETE ON public.t TO `+agentRole)
+	e.exec(su, `DELETE FROM public.t WHERE id <= 5`) // behind the agent's back
+	o := e.done(`SELECT mimeo.validate('public.t')`)
+	require.Contains(t, fmt.Sprint(deref(o.Message)), "differs")
+	health := func() string {
+		var h string
+		require.NoError(t, e.dst.QueryRow(e.ctx, `SELECT health FROM mimeo.refresh_status WHERE dest_table = 'public.t'`).Scan(&h))
+		return h
+	}
+	require.Equal(t, "invalid", health())
+	e.done(`SELECT mimeo.refresh_dml('public.t', p_repull => true)`)
+	e.requireSame("public.t", "public.t")
+	require.Equal(t, "ok", health())
+	var detail string
+	require.NoError(t, e.dst.QueryRow(e.ctx, `SELECT detail FROM mimeo.validation WHERE dest_table = 'public.t' AND NOT ok`).Scan(&detail))
+	require.Contains(t, detail, "repaired by the repull of request")
 }

@@ -324,8 +324,16 @@ func (a *Agent) repullQueued(ctx context.Context, r *run, src *pgxpool.Conn, cfg
 		d := r.dest.Sanitize()
 		cols := columnList(st.Columns)
 		if cfg.Type == "dml" {
-			if _, err := tx.Exec(ctx, "TRUNCATE "+d); err != nil {
+			// A table handed to another role, with DML grants, is emptied
+			// with DELETE.
+			deleted, err := emptyTable(ctx, tx, r.dest)
+			if err != nil {
 				return err
+			}
+			if !deleted {
+				if _, err := tx.Exec(ctx, "TRUNCATE "+d); err != nil {
+					return err
+				}
 			}
 		}
 		if !diff.none() {
@@ -372,6 +380,9 @@ func (a *Agent) repullQueued(ctx context.Context, r *run, src *pgxpool.Conn, cfg
 			}
 		}
 		if _, err := tx.Exec(ctx, sqlRecordRun, r.req.DestTable, r.started); err != nil {
+			return err
+		}
+		if err := markChecksRepaired(ctx, tx, r); err != nil {
 			return err
 		}
 		msg := fmt.Sprintf("re-pulled %d rows", rows)
