@@ -695,6 +695,7 @@ func TestLogicalPartitionedSourceAndConditions(t *testing.T) {
 	detail := e.waitState("public.ev", "failed")
 	require.Contains(t, detail, "ev_asia")
 	e.done(`SELECT mimeo.refresh_logical('public.ev', p_repull => true)`)
+	e.done(`SELECT mimeo.refresh_logical('public.ev_small', p_repull => true)`)
 	e.exec(e.app, `INSERT INTO public.ev VALUES (1001, 'asia', 'b')`)
 	e.sync("public.ev")
 	e.requireSame("public.ev", "public.ev")
@@ -712,7 +713,7 @@ func TestLogicalPartitionedSourceAndConditions(t *testing.T) {
 	// A rewrite gives a partition a new file, as a TRUNCATE does: the table
 	// is compared with the source, found equal, and goes on.
 	e.exec(e.app, `VACUUM FULL public.ev_eu`)
-	o := e.awaitAutoValidate("public.ev", 1)
+	o := e.awaitAutoValidate("public.ev", "public.ev_eu")
 	require.Equal(t, "done", o.Status, "error: %v", deref(o.Error))
 	require.Contains(t, fmt.Sprint(deref(o.Message)), "ok: checked because partitions [public.ev_eu]")
 	state, detail = e.logicalState("public.ev")
@@ -721,10 +722,13 @@ func TestLogicalPartitionedSourceAndConditions(t *testing.T) {
 	// pgoutput does not send a TRUNCATE of one partition: the comparison
 	// finds the rows the copy kept, and the table fails until a repull.
 	e.exec(e.app, `TRUNCATE public.ev_us`)
-	e.awaitAutoValidate("public.ev", 2)
+	e.awaitAutoValidate("public.ev", "public.ev_us")
 	detail = e.waitState("public.ev", "failed")
 	require.Contains(t, detail, "public.ev_us")
 	require.Contains(t, detail, "differ")
+	// The same with p_filter: its check compares the copied columns.
+	detail = e.waitState("public.ev_small", "failed")
+	require.Contains(t, detail, "public.ev_us")
 	var health string
 	require.NoError(t, e.dst.QueryRow(e.ctx, `SELECT health FROM mimeo.refresh_status WHERE dest_table = 'public.ev'`).Scan(&health))
 	require.Equal(t, "failing", health)
@@ -733,6 +737,16 @@ func TestLogicalPartitionedSourceAndConditions(t *testing.T) {
 	e.requireSame("public.ev", "public.ev")
 	require.NoError(t, e.dst.QueryRow(e.ctx, `SELECT health FROM mimeo.refresh_status WHERE dest_table = 'public.ev'`).Scan(&health))
 	require.Equal(t, "ok", health, "the repull repaired what the check found")
+
+	// pg_partman's way, with rows written before the ATTACH: they are not
+	// in the stream, and the check of the new partition finds them.
+	e.exec(e.app, `BEGIN;
+        CREATE TABLE public.ev_latam (LIKE public.ev);
+        INSERT INTO public.ev_latam VALUES (3000, 'latam', 'before the attach');
+        ALTER TABLE public.ev ATTACH PARTITION public.ev_latam FOR VALUES IN ('latam');
+        COMMIT`)
+	detail = e.waitState("public.ev", "failed")
+	require.Contains(t, detail, "public.ev_latam")
 }
 
 // waitPartitionsRecorded polls until the stream's check has recorded the
@@ -755,20 +769,20 @@ func (e *env) waitPartitionsRecorded(table, partition string) {
 	}
 }
 
-// awaitAutoValidate waits for the n-th validate request the stream queued
-// for table, and for it to end.
-func (e *env) awaitAutoValidate(table string, n int) outcome {
+// awaitAutoValidate waits for the validate request the stream queued for
+// table because of partition, and for it to end.
+func (e *env) awaitAutoValidate(table, partition string) outcome {
 	e.t.Helper()
 	deadline := time.Now().Add(30 * time.Second)
 	for {
 		var id *int64
 		require.NoError(e.t, e.dst.QueryRow(e.ctx, `SELECT (SELECT id FROM mimeo.request WHERE action = 'validate' AND dest_table = $1
-  AND args ? 'reason' ORDER BY id OFFSET $2 - 1 LIMIT 1)`, table, n).Scan(&id))
+  AND strpos(args->>'reason', $2) > 0 ORDER BY id LIMIT 1)`, table, partition).Scan(&id))
 		if id != nil {
 			return e.await(*id)
 		}
 		if time.Now().After(deadline) {
-			e.t.Fatalf("no validate request %d queued for %s", n, table)
+			e.t.Fatalf("no validate request queued for %s's partition %s", table, partition)
 		}
 		time.Sleep(50 * time.Millisecond)
 	}

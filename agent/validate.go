@@ -71,7 +71,13 @@ func (a *Agent) validateTable(ctx context.Context, r *run) error {
 		return fail(err)
 	}
 	defer src.Release()
-	d, err := checkColumns(ctx, r.dst, t.Dest, st, t.Columns, t.ownColumns()...)
+	recorded := t.Columns
+	if t.Type == "logical" {
+		// A logical table's columns are the source's as the stream last saw
+		// them, p_filter or not: the destination's own tell what it copies.
+		recorded = nil
+	}
+	d, err := checkColumns(ctx, r.dst, t.Dest, st, recorded, t.ownColumns()...)
 	if err != nil {
 		return fail(err)
 	}

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/jackc/pglogrepl"
@@ -352,16 +353,16 @@ WHERE dblink = $1 AND partitions IS NOT NULL AND state IN ('ready', 'copied')`, 
 		if len(c.created) == 0 && len(c.rewritten) == 0 && t.files != nil {
 			continue
 		}
-		if err := a.recordPartitions(ctx, t.dest, t.parts, now, c.rewritten); err != nil {
+		if err := a.recordPartitions(ctx, t.dest, t.parts, now, c); err != nil {
 			a.s.log.Warn("cannot record the table's partitions", "dest_table", t.dest, "error", err)
 			continue
 		}
 		if len(c.created) > 0 {
 			a.s.log.Info("new partitions of a logical table's source; their rows stream as the table's", "dest_table", t.dest, "partitions", c.created)
 		}
-		if len(c.rewritten) > 0 {
-			a.s.log.Warn("partitions of a logical table's source were truncated or rewritten; comparing the table with the source",
-				"dest_table", t.dest, "partitions", c.rewritten)
+		if len(c.rewritten) > 0 || len(c.filled) > 0 {
+			a.s.log.Warn("partitions of a logical table's source were truncated or rewritten, or created holding rows; comparing the table with the source",
+				"dest_table", t.dest, "rewritten", c.rewritten, "created_with_rows", c.filled)
 		}
 	}
 }
@@ -369,6 +370,10 @@ WHERE dblink = $1 AND partitions IS NOT NULL AND state IN ('ready', 'copied')`, 
 // partitionChange is how a table's partitions differ from its copy's.
 type partitionChange struct {
 	created, attached, lost, rewritten []string
+	// filled: created partitions already holding rows, which may have been
+	// written before the partition was attached in its creating transaction
+	// (pg_partman's way), so not through the table.
+	filled []string
 }
 
 // comparePartitions compares the partitions (and their files, if known) of
@@ -380,6 +385,9 @@ func comparePartitions(parts []string, files []int64, now []Partition) partition
 		switch {
 		case i < 0 && p.Created:
 			c.created = append(c.created, p.Name)
+			if p.Filled {
+				c.filled = append(c.filled, p.Name)
+			}
 		case i < 0:
 			c.attached = append(c.attached, p.Name)
 		case len(files) == len(parts) && files[i] != p.File:
@@ -394,19 +402,31 @@ func comparePartitions(parts []string, files []int64, now []Partition) partition
 	return c
 }
 
-// recordPartitions keeps the source's partitions now as the table's, and
-// for rewritten ones queues a comparison of the table with the source, in
-// one transaction: a crash before it commits finds the change again.
-func (a *applier) recordPartitions(ctx context.Context, dest string, was []string, now []Partition, rewritten []string) error {
+// recordPartitions keeps the source's partitions now as the table's and,
+// for partitions rewritten or created holding rows, queues a comparison of
+// the table with the source, in one transaction: a crash before it commits
+// finds the change again.
+func (a *applier) recordPartitions(ctx context.Context, dest string, was []string, now []Partition, c partitionChange) error {
 	return pgx.BeginFunc(ctx, a.s.dst, func(tx pgx.Tx) error {
 		tag, err := tx.Exec(ctx, `UPDATE ONLY mimeo.refresh_config_logical SET partitions = $2, partition_files = $3
 WHERE dest_table = $1 AND partitions = $4 AND state IN ('ready', 'copied')`, dest, PartitionNames(now), PartitionFiles(now), was)
-		if err != nil || tag.RowsAffected() == 0 || len(rewritten) == 0 {
+		if err != nil || tag.RowsAffected() == 0 {
 			return err
 		}
-		reason := fmt.Sprintf("partitions %v of the source were truncated or rewritten since the copy (pgoutput does not send a TRUNCATE of one partition)",
-			rewritten)
-		_, err = tx.Exec(ctx, `SELECT mimeo.enqueue('validate', $1, jsonb_build_object('repair', false, 'reason', $2::text))`, dest, reason)
+		var reasons []string
+		if len(c.rewritten) > 0 {
+			reasons = append(reasons, fmt.Sprintf("partitions %v of the source were truncated or rewritten since the copy (pgoutput does not send a TRUNCATE of one partition)",
+				c.rewritten))
+		}
+		if len(c.filled) > 0 {
+			reasons = append(reasons, fmt.Sprintf("new partitions %v held rows when first seen (rows written before an ATTACH in the creating transaction are not in the stream)",
+				c.filled))
+		}
+		if len(reasons) == 0 {
+			return nil
+		}
+		_, err = tx.Exec(ctx, `SELECT mimeo.enqueue('validate', $1, jsonb_build_object('repair', false, 'reason', $2::text))`,
+			dest, strings.Join(reasons, "; "))
 		return err
 	})
 }

@@ -139,6 +139,9 @@ type Partition struct {
 	// attached in the transaction that created it), so every row it holds
 	// came through the partitioned table.
 	Created bool
+	// Filled: its file is not empty (pg_relation_size; no right on the
+	// partition is needed to read it).
+	Filled bool
 }
 
 // Partitions lists the members of a partitioned table's tree, by name
@@ -149,7 +152,7 @@ func Partitions(ctx context.Context, src DB, table ident.Name) ([]Partition, err
 	// transaction that made its row type; ATTACH writes it later (and
 	// rewrites the pg_class row, so that row's xmin cannot tell).
 	rows, err := src.Query(ctx, `SELECT format('%I.%I', n.nspname, c.relname), c.relfilenode::bigint,
-       coalesce(i.xmin = ty.xmin, false)
+       coalesce(i.xmin = ty.xmin, false), pg_catalog.pg_relation_size(c.oid) > 0
 FROM pg_catalog.pg_partition_tree($1::regclass) t
 JOIN pg_catalog.pg_class c ON c.oid = t.relid JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
 LEFT JOIN pg_catalog.pg_inherits i ON i.inhrelid = c.oid
@@ -160,7 +163,7 @@ WHERE t.relid <> $1::regclass ORDER BY 1`, table.Sanitize())
 	}
 	parts, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (Partition, error) {
 		var p Partition
-		err := r.Scan(&p.Name, &p.File, &p.Created)
+		err := r.Scan(&p.Name, &p.File, &p.Created, &p.Filled)
 		return p, err
 	})
 	if err != nil {
