@@ -419,7 +419,7 @@ WHERE dest_table = $1 AND partitions = $4 AND state IN ('ready', 'copied')`, des
 				c.rewritten))
 		}
 		if len(c.filled) > 0 {
-			reasons = append(reasons, fmt.Sprintf("new partitions %v held rows when first seen (rows written before an ATTACH in the creating transaction are not in the stream)",
+			reasons = append(reasons, fmt.Sprintf("new partitions %v were not empty when first seen (rows written into a table before its ATTACH, in the transaction that created it, are not in the stream; rows written through the table since are)",
 				c.filled))
 		}
 		if len(reasons) == 0 {
