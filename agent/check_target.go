@@ -29,7 +29,10 @@ type checkTarget struct {
 	LastValue *string     // inserter, updater: how far the copy goes
 	Logdel    bool        // deleted rows stay, marked (logdel, logical logdel)
 	Queue     *ident.Name // dml, logdel: the source queue
-	Columns   []string    // the source columns recorded at the last build
+	// Columns: the source columns recorded at the last build (nil for
+	// logical, whose list is the source's as the stream last saw it, p_filter
+	// or not: checks then go by the destination's own columns).
+	Columns []string
 }
 
 const sqlCheckTargets = `
@@ -39,7 +42,7 @@ SELECT c.dest_table, c.type, c.dblink, c.source_table, c.filter, coalesce(c.cond
        coalesce(i.last_value, u.last_value),
        c.type = 'logdel' OR coalesce(l.logdel, false),
        coalesce(d.queue_table, g.queue_table),
-       coalesce(i.columns, u.columns, d.columns, g.columns, l.columns)
+       coalesce(i.columns, u.columns, d.columns, g.columns)
 FROM mimeo.refresh_config c
 LEFT JOIN mimeo.refresh_config_inserter i ON i.dest_table = c.dest_table AND c.type = 'inserter'
 LEFT JOIN mimeo.refresh_config_updater u ON u.dest_table = c.dest_table AND c.type = 'updater'

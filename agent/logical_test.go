@@ -729,6 +729,11 @@ func TestLogicalPartitionedSourceAndConditions(t *testing.T) {
 	// The same with p_filter: its check compares the copied columns.
 	detail = e.waitState("public.ev_small", "failed")
 	require.Contains(t, detail, "public.ev_us")
+	e.done(`SELECT mimeo.check_source_columns()`)
+	var columnsOK bool
+	require.NoError(t, e.dst.QueryRow(e.ctx, `SELECT ok FROM mimeo.validation WHERE dest_table = 'public.ev_small' AND kind = 'columns'
+ORDER BY id DESC LIMIT 1`).Scan(&columnsOK))
+	require.True(t, columnsOK, "check_source_columns compares a p_filter copy's own columns")
 	var health string
 	require.NoError(t, e.dst.QueryRow(e.ctx, `SELECT health FROM mimeo.refresh_status WHERE dest_table = 'public.ev'`).Scan(&health))
 	require.Equal(t, "failing", health)

@@ -71,13 +71,7 @@ func (a *Agent) validateTable(ctx context.Context, r *run) error {
 		return fail(err)
 	}
 	defer src.Release()
-	recorded := t.Columns
-	if t.Type == "logical" {
-		// A logical table's columns are the source's as the stream last saw
-		// them, p_filter or not: the destination's own tell what it copies.
-		recorded = nil
-	}
-	d, err := checkColumns(ctx, r.dst, t.Dest, st, recorded, t.ownColumns()...)
+	d, err := checkColumns(ctx, r.dst, t.Dest, st, t.Columns, t.ownColumns()...)
 	if err != nil {
 		return fail(err)
 	}
